@@ -1,0 +1,1 @@
+"""fxadapt: adapters for Hugging Face models, compiled into the graph."""

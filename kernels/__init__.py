@@ -1,0 +1,1 @@
+"""Fused Triton kernels for adapters (installed as ``fxadapt.kernels``)."""
