@@ -1,0 +1,626 @@
+"""Capture: a Hugging Face model's repeating layers as torch.fx graphs, one per distinct call.
+
+Design note
+-----------
+Whole-model tracing fails on transformers 5 (mask helpers, ``**kwargs``, caches). The unit of capture is
+therefore each element of the model's repeating layer lists (``encoder.layer.N``, ``layers.N``, ``h.N``...),
+found structurally: outermost ``ModuleList``s whose elements are instances of one custom block class.
+
+A layer is traced *specialised to the call it actually receives*: the call is flattened with pytree; tensors
+and opaque objects (caches) become graph inputs, everything else (``None``, flags, ints, strings, dtypes) is
+baked in as a constant. The call's structure, input dtypes/ranks/devices, ``training`` and the hook state form
+the **guard key**; a call with a new key is traced lazily. Sizes stay symbolic, so a new batch or sequence
+length does not re-trace.
+
+Every proxy carries a *shadow*: the real value the op produced on the recorded inputs. Shadows answer the
+questions Python control flow asks (``x.dtype == torch.float16``, ``x.dim()``, ``len(x.shape)``,
+``isinstance(out, tuple)``) concretely, while shape sizes remain graph values. A question that depends on data
+or sizes (``bool(proxy)``) cannot be answered safely: the submodule being traced becomes a *leaf* (an opaque
+call in the graph) and tracing retries. Hugging Face attention functions (``ALL_ATTENTION_FUNCTIONS``, eager or
+sdpa) are always leaf calls, so attention modules are traced through and their q/k/v/o projections stay visible.
+Hooks on traced-through submodules are not fired on proxies; they are replayed at run time by a graph node.
+
+Each capture is verified bit-exactly against the eager forward on the call it was traced from (same RNG seed),
+so a capture that would change the model's numerics is never installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+__all__ = [
+    "Capture",
+    "CaptureFailure",
+    "find_layer_lists",
+    "guard_key",
+    "record_layer_calls",
+    "trace_layer",
+]
+
+SHADOW = "fxadapt_shadow"
+_MISSING = object()
+
+# Tensor attributes and methods whose answer depends only on dtype/rank/device, all of which are in the guard key.
+_STATIC_ATTRS = frozenset(
+    {"dtype", "device", "ndim", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized", "is_mps", "layout"}
+)
+_STATIC_METHODS = frozenset(
+    {"dim", "ndimension", "is_floating_point", "is_complex", "element_size", "get_device", "is_signed"}
+)
+_STATIC_FUNCTIONS = frozenset({torch.is_floating_point, torch.is_complex, torch.is_tensor})
+# Python values that become constants of a capture (and part of its guard key); anything else is a graph input.
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+
+
+class CaptureFailure(Exception):
+    """Tracing could not continue; ``module_path`` is the innermost traced-through module when it happened."""
+
+    def __init__(self, message: str, module_path: str = ""):
+        super().__init__(message)
+        self.module_path = module_path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding layers and recording their calls
+
+
+def find_layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost ``ModuleList``s of same-class custom blocks, in module order: the model's repeating layers."""
+    found: list[tuple[str, nn.ModuleList]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.ModuleList) and _is_layer_list(child):
+                found.append((path, child))
+                continue  # nested lists inside a layer belong to that layer
+            visit(child, path)
+
+    visit(model, "")
+    return found
+
+
+def _is_layer_list(ml: nn.ModuleList) -> bool:
+    if len(ml) == 0:
+        return False
+    cls = type(ml[0])
+    if any(type(m) is not cls for m in ml):
+        return False
+    if cls.__module__.startswith("torch.nn"):  # lists of plain Linear/Conv heads are not transformer layers
+        return False
+    first = ml[0]
+    return any(True for _ in first.children()) and any(True for _ in first.parameters())
+
+
+def record_layer_calls(
+    model: nn.Module, layers: list[nn.Module], run: Callable[[], Any]
+) -> dict[int, tuple[tuple, dict]]:
+    """Run ``run()`` once and return, per layer (by ``id``), the (args, kwargs) of its first call."""
+    calls: dict[int, tuple[tuple, dict]] = {}
+    handles = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.setdefault(id(module), (args, dict(kwargs)))
+
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Guard keys
+
+
+def _leaf_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", value.dtype, value.dim(), value.device)
+    if isinstance(value, _CONSTANT_TYPES):
+        return ("C", type(value), value)
+    return ("O", type(value))
+
+
+def _hook_state(layer: nn.Module) -> int:
+    n = 0
+    for m in layer.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+    return n
+
+
+def guard_key(layer: nn.Module, leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
+    """Everything a capture was specialised to: call structure, leaf dtypes/ranks/devices/constants, mode."""
+    return (
+        spec,
+        tuple(_leaf_meta(v) for v in leaves),
+        layer.training,
+        _hook_state(layer),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
+
+
+def _is_dynamic(value: Any) -> bool:
+    return not isinstance(value, _CONSTANT_TYPES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shadow proxies
+
+
+class ShadowProxy(fx.Proxy):
+    """An fx proxy that also knows the real value its node produced on the recorded call."""
+
+    @property
+    def _shadow(self) -> Any:
+        return self.node.meta.get(SHADOW, _MISSING)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(proxy, tuple / Cache / Tensor) answers like the real value
+        shadow = self._shadow
+        return type(self) if shadow is _MISSING else type(shadow)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        shadow = self._shadow
+        if isinstance(shadow, torch.Tensor):
+            if name.startswith("_"):  # private tensor flags (``_is_param``...) are never graph values
+                raise AttributeError(name)
+            if name in _STATIC_ATTRS:
+                return getattr(shadow, name)
+            if name in _STATIC_METHODS:
+                return getattr(shadow, name)
+        return ShadowAttribute(self, name)
+
+    def __len__(self) -> int:
+        shadow = self._shadow
+        if isinstance(shadow, torch.Tensor):
+            raise CaptureFailure("len() of a tensor depends on its size", self.tracer._where())
+        if shadow is _MISSING or not hasattr(shadow, "__len__"):
+            raise CaptureFailure("len() of a value without a known length", self.tracer._where())
+        return len(shadow)
+
+    def __iter__(self) -> Iterator[Any]:
+        shadow = self._shadow
+        if isinstance(shadow, (tuple, list, torch.Size)):
+            return iter([self[i] for i in range(len(shadow))])
+        raise CaptureFailure(
+            f"iteration over a traced value of type {type(shadow).__name__}", self.tracer._where()
+        )
+
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=(), kwargs=None):  # type: ignore[override]
+        if orig_method in _STATIC_FUNCTIONS:
+            args = pytree.tree_map_only(ShadowProxy, lambda p: p._shadow, args)
+            return orig_method(*args, **(kwargs or {}))
+        return super().__torch_function__(orig_method, types, args, kwargs)
+
+
+class ShadowAttribute(ShadowProxy, fx.proxy.Attribute):
+    """Attribute access on a proxy; becomes a ``getattr`` node on use, or a method call when called."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Leaf attention functions
+
+
+class _LeafFunction:
+    """Wraps an attention function so that a call with proxies becomes one ``call_function`` node."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return self.fn(*args, **kwargs)
+        out = proxy.tracer.create_proxy("call_function", self.fn, args, kwargs)
+        out.node.meta["fxadapt_attention"] = True
+        return out
+
+
+def _attention_interface_classes() -> list[type]:
+    classes = []
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        classes.append(type(ALL_ATTENTION_FUNCTIONS))
+    except ImportError:  # pragma: no cover - transformers always present in practice
+        pass
+    return classes
+
+
+# torch factories that don't dispatch ``__torch_function__`` for proxy sizes/scalars: wrapped while tracing so a
+# call with a proxy argument becomes one graph node (``torch.tensor(x.size(-1))`` in DeBERTa, for example).
+_WRAPPED_TORCH_FUNCTIONS = ("tensor", "as_tensor", "full", "zeros", "ones", "empty")
+
+
+def _wrap_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+    return wrapper
+
+
+class _TracePatches:
+    """While tracing: HF attention functions are leaf calls, and torch factories accept proxy arguments."""
+
+    def __enter__(self) -> _TracePatches:
+        self._saved: list[tuple[Any, str, Any]] = []
+        for name in _WRAPPED_TORCH_FUNCTIONS:
+            orig = getattr(torch, name)
+            self._saved.append((torch, name, orig))
+            setattr(torch, name, _wrap_factory(orig))
+        for cls in _attention_interface_classes():
+            for name in ("get_interface", "__getitem__"):
+                orig = cls.__dict__.get(name)
+                if orig is None:
+                    orig = getattr(cls, name, None)
+                    if orig is None:
+                        continue
+                    self._saved.append((cls, name, _MISSING))
+                else:
+                    self._saved.append((cls, name, orig))
+
+                def patched(self_, *a: Any, _orig: Any = orig, **kw: Any) -> Any:
+                    fn = _orig(self_, *a, **kw)
+                    return _LeafFunction(fn) if callable(fn) and not isinstance(fn, _LeafFunction) else fn
+
+                setattr(cls, name, patched)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, orig in reversed(self._saved):
+            if orig is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
+
+
+def replay_forward_hooks(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Run a traced-through module's forward hooks at run time, as ``Module.__call__`` would have."""
+    for hook_id, hook in list(module._forward_hooks.items()):
+        if hook_id in module._forward_hooks_with_kwargs:
+            result = hook(module, args, kwargs, output)
+        else:
+            result = hook(module, args, output)
+        if result is not None:
+            output = result
+    return output
+
+
+def is_attention_function(node: fx.Node) -> bool:
+    return node.op == "call_function" and bool(node.meta.get("fxadapt_attention"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tracer
+
+
+class _LayerTracer(fx.Tracer):
+    def __init__(self, forced_leaves: set[str]):
+        super().__init__(autowrap_modules=(math,))
+        self.forced_leaves = forced_leaves
+        self.traced_stack: list[str] = []
+        self._inputs: list[tuple[str, Any]] = []
+        self._fn: Callable[..., Any] | None = None
+
+    # fx hooks -------------------------------------------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShadowProxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.forced_leaves:
+            return True
+        if m._forward_pre_hooks:  # pre-hooks may rewrite inputs: keep the real call
+            return True
+        if next(m.children(), None) is None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+
+        def traced_forward(*a: Any, **kw: Any) -> Any:
+            # Call forward directly: hooks must not fire on proxies; they are replayed below at run time.
+            out = m.forward(*a, **kw)
+            if m._forward_hooks:
+                out = self.create_proxy(
+                    "call_function", replay_forward_hooks, (m, a, kw, out), {}, name=f"{path}_hooks"
+                )
+            return out
+
+        self.traced_stack.append(path)
+        try:
+            return super().call_module(m, traced_forward, args, kwargs)
+        finally:
+            self.traced_stack.pop()
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):  # before fx's Tensor checks: shadow proxies claim their shadow's class
+            return a.node
+        return super().create_arg(a)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        raise CaptureFailure("control flow depends on a traced value (data or a size)", self._where())
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        raise CaptureFailure("iteration over a traced value of unknown length", self._where())
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        raise CaptureFailure("** unpacking of a traced value", self._where())
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind in ("placeholder", "output"):
+            return proxy
+        node.meta[SHADOW] = self._evaluate(node)
+        return proxy
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]
+        placeholders = []
+        for name, shadow in self._inputs:
+            p = self.create_proxy("placeholder", name, (), {})
+            p.node.meta[SHADOW] = shadow
+            placeholders.append(p)
+        return self._fn, [self.root, *placeholders]
+
+    # helpers --------------------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return self.traced_stack[-1] if self.traced_stack else ""
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        def shadow_of(n: fx.Node) -> Any:
+            value = n.meta.get(SHADOW, _MISSING)
+            if value is _MISSING and n.op == "get_attr":  # constants fx registered itself (tensor literals)
+                value = n.meta[SHADOW] = _fetch_attr(self.root, str(n.target))
+            if value is _MISSING:
+                raise CaptureFailure(f"no value known for {n.format_node()}", self._where())
+            return value
+
+        args = fx.node.map_arg(node.args, shadow_of)
+        kwargs = fx.node.map_arg(node.kwargs, shadow_of)
+        try:
+            with _maybe_revert_all_patches():
+                if node.op == "get_attr":
+                    return _fetch_attr(self.root, str(node.target))
+                if node.op == "call_module":
+                    return _orig_module_call(self.root.get_submodule(str(node.target)), *args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                if node.target is replay_forward_hooks:
+                    return args[3]  # hooks observe; their effect is only replayed at run time
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+        except CaptureFailure:
+            raise
+        except Exception as exc:
+            raise CaptureFailure(f"{node.format_node()} failed on real values: {exc}", self._where()) from exc
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Captures
+
+
+@dataclass
+class Capture:
+    """One traced specialisation of a layer: its graph plus how to call it."""
+
+    graph: fx.Graph
+    in_spec: pytree.TreeSpec
+    dynamic: tuple[int, ...]  # which flattened call leaves are graph inputs (the rest are baked constants)
+    out_spec: pytree.TreeSpec
+    out_slots: tuple[int | None, ...]  # per output leaf: index into the graph's outputs, or None = constant
+    out_constants: tuple[Any, ...]
+    leaves: tuple[str, ...]  # modules made leaves because tracing through them failed
+    leaf_reasons: dict[str, str] = field(default_factory=dict)
+    input_names: tuple[str, ...] = ()
+
+    def bind(self, code: Callable[..., Any]) -> Callable[[nn.Module, list[Any]], Any]:
+        """A runner ``(layer, flat_call_leaves) -> output`` for generated code of this capture's signature."""
+        dynamic, slots, consts, out_spec = self.dynamic, self.out_slots, self.out_constants, self.out_spec
+
+        def run(layer: nn.Module, leaves: list[Any]) -> Any:
+            outs = code(layer, *[leaves[i] for i in dynamic])
+            values = [consts[j] if s is None else outs[s] for j, s in enumerate(slots)]
+            return pytree.tree_unflatten(values, out_spec)
+
+        return run
+
+
+def _input_names(orig_forward: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
+    """Readable names for the flattened call leaves (``hidden_states``, ``position_embeddings_0``, ...)."""
+    try:
+        params = [p for p in inspect.signature(orig_forward).parameters if p != "self"]
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        params = []
+    named: dict[str, Any] = {}
+    for i, a in enumerate(args):
+        named[params[i] if i < len(params) else f"arg{i}"] = a
+    named.update(kwargs)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(named)[0]:
+        raw = "_".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        names.append("".join(c if c.isalnum() or c == "_" else "_" for c in raw) or "input")
+    return names
+
+
+def _shadow_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
+def trace_layer(
+    layer: nn.Module,
+    orig_forward: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    *,
+    max_retries: int = 8,
+    verify: bool = True,
+) -> Capture:
+    """Trace ``orig_forward(layer, *args, **kwargs)`` into a :class:`Capture`, verified against eager.
+
+    Raises :class:`CaptureError` when the layer cannot be captured (even with leaves) or verification fails.
+    """
+    leaves, in_spec = pytree.tree_flatten((args, kwargs))
+    dynamic = tuple(i for i, v in enumerate(leaves) if _is_dynamic(v))
+    names = _input_names(orig_forward, args, kwargs)
+    forced: set[str] = set()
+    reasons: dict[str, str] = {}
+    last_error: CaptureFailure | None = None
+
+    for _ in range(max_retries + 1):
+        tracer = _LayerTracer(forced)
+        tracer._inputs = [(names[i], _shadow_copy(leaves[i])) for i in dynamic]
+        out_info: dict[str, Any] = {}
+
+        def fn(root: nn.Module, *inputs: Any, _out: dict[str, Any] = out_info) -> Any:
+            flat = list(leaves)
+            for i, p in zip(dynamic, inputs):
+                flat[i] = p
+            a, kw = pytree.tree_unflatten(flat, in_spec)
+            out = orig_forward(root, *a, **kw)
+            out_leaves, out_spec = pytree.tree_flatten(out)
+            _out["spec"] = out_spec
+            _out["leaves"] = out_leaves
+            return tuple(v for v in out_leaves if isinstance(v, fx.Proxy))
+
+        tracer._fn = fn
+        try:
+            with _TracePatches(), torch.no_grad(), _preserved_rng(args):
+                graph = tracer.trace(layer)
+        except CaptureFailure as failure:
+            last_error = failure
+            if not failure.module_path or failure.module_path in forced:
+                break
+            forced.add(failure.module_path)
+            reasons[failure.module_path] = str(failure)
+            continue
+
+        out_slots: list[int | None] = []
+        consts: list[Any] = []
+        k = 0
+        for v in out_info["leaves"]:
+            if isinstance(v, fx.Proxy):
+                out_slots.append(k)
+                consts.append(None)
+                k += 1
+            else:
+                out_slots.append(None)
+                consts.append(v)
+        for node in graph.nodes:  # shadows are only needed while tracing; don't keep real tensors alive
+            shadow = node.meta.pop(SHADOW, None)
+            if isinstance(shadow, torch.Tensor):
+                node.meta["fxadapt_meta"] = (shadow.dtype, tuple(shadow.shape))
+        graph.lint()
+        capture = Capture(
+            graph=graph,
+            in_spec=in_spec,
+            dynamic=dynamic,
+            out_spec=out_info["spec"],
+            out_slots=tuple(out_slots),
+            out_constants=tuple(consts),
+            leaves=tuple(sorted(forced)),
+            leaf_reasons=reasons,
+            input_names=tuple(names[i] for i in dynamic),
+        )
+        if verify:
+            _verify(layer, orig_forward, capture, leaves, args, kwargs)
+        return capture
+
+    where = f" in submodule {last_error.module_path!r}" if last_error and last_error.module_path else ""
+    raise CaptureError(
+        f"could not capture layer {type(layer).__name__}{where}: {last_error}. "
+        f"Submodules made opaque so far: {sorted(forced) or 'none'}."
+    )
+
+
+class _preserved_rng:
+    """Tracing and verification run ops that draw random numbers (dropout): leave the user's RNG untouched."""
+
+    def __init__(self, args: Any):
+        self.devices = sorted(
+            {
+                t.device.index or 0
+                for t in pytree.tree_leaves(args)
+                if isinstance(t, torch.Tensor) and t.device.type == "cuda"
+            }
+        )
+
+    def __enter__(self) -> None:
+        self._ctx = torch.random.fork_rng(devices=self.devices)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
+    """Python code for ``graph`` as a function ``(layer, *inputs) -> tuple(outputs)``."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<fxadapt {id(graph):x}>", "exec"), namespace)
+    fn = namespace["forward"]
+    fn.__fxadapt_src__ = code.src
+    return fn
+
+
+def _verify(layer, orig_forward, capture: Capture, leaves, args, kwargs) -> None:
+    run = capture.bind(compile_graph(capture.graph))
+    seed = 1234
+    with torch.no_grad(), _preserved_rng(args):
+        torch.manual_seed(seed)
+        expected = orig_forward(layer, *_shadow_copy(args), **_shadow_copy(kwargs))
+        torch.manual_seed(seed)
+        flat = [_shadow_copy(v) if i in capture.dynamic else v for i, v in enumerate(leaves)]
+        got = run(layer, flat)
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if exp_spec != got_spec:
+        raise CaptureError(f"captured {type(layer).__name__} returns {got_spec}, eager returns {exp_spec}")
+    for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
+        if isinstance(e, torch.Tensor):
+            if not (isinstance(g, torch.Tensor) and e.shape == g.shape and e.dtype == g.dtype):
+                raise CaptureError(f"captured {type(layer).__name__} output {i} differs in shape/dtype from eager")
+            if not torch.equal(e, g) and not (e.isnan().any() and torch.equal(e.nan_to_num(), g.nan_to_num())):
+                diff = (e.double() - g.double()).abs().max().item()
+                raise CaptureError(
+                    f"captured {type(layer).__name__} output {i} differs from eager (max abs diff {diff:.3g})"
+                )
+

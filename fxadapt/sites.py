@@ -1,0 +1,396 @@
+"""Sites: named places in a captured layer graph where adapters attach.
+
+Residual sites come from graph structure, not module names: a residual ``add`` whose one operand is produced
+(through dropout, casts and tuple indexing) by a Linear-like call or a leaf attention call, and whose other
+operand is the residual stream. The producer's module scope decides the kind:
+
+===========  =====================================================================================
+kind         the producer lies in ...
+===========  =====================================================================================
+attn.out     a module scope that performs self-attention (the attention call reads the layer input)
+cross.out    a scope whose attention reads keys from elsewhere (encoder states or a cross cache)
+ffn.out      any other scope (the feed-forward block)
+===========  =====================================================================================
+
+A post-LN layer (BERT family, BART) normalises the add right away: the norm becomes part of the site, since
+adapters such as ``seq_bn`` apply it themselves. Module sites (``attn.q/k/v/o``, ``ffn.up/gate/down``) are the
+Linear calls themselves, classified by data flow into and out of the attention call.
+
+Every rejected candidate keeps its reason, so ``explain()`` can say why an add is not a site.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import is_attention_function, replay_forward_hooks
+
+__all__ = [
+    "MODULE_SITE_KINDS",
+    "RESIDUAL_SITE_KINDS",
+    "SITE_KINDS",
+    "ModuleSite",
+    "ResidualSite",
+    "SiteReport",
+    "find_sites",
+]
+
+# The site table: kind -> what it is. Shared by every method; a new kind is one row here plus its rule below.
+RESIDUAL_SITE_KINDS: dict[str, str] = {
+    "attn.out": "self-attention output on the residual stream",
+    "cross.out": "cross-attention output on the residual stream (encoder-decoder models)",
+    "ffn.out": "feed-forward output on the residual stream",
+}
+MODULE_SITE_KINDS: dict[str, str] = {
+    "attn.q": "query projection",
+    "attn.k": "key projection",
+    "attn.v": "value projection",
+    "attn.qkv": "fused query/key/value projection",
+    "attn.o": "attention output projection",
+    "cross.q": "cross-attention query projection",
+    "cross.k": "cross-attention key projection",
+    "cross.v": "cross-attention value projection",
+    "cross.o": "cross-attention output projection",
+    "ffn.up": "feed-forward up projection",
+    "ffn.gate": "feed-forward gate projection",
+    "ffn.down": "feed-forward down projection",
+}
+SITE_KINDS = {**RESIDUAL_SITE_KINDS, **MODULE_SITE_KINDS}
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout}
+_CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "contiguous", "type_as"}
+_SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
+
+
+@dataclass(frozen=True)
+class ResidualSite:
+    """A residual add ``h + x`` (optionally followed by a norm) where a bottleneck adapter can attach."""
+
+    kind: str
+    add: str  # node name of the residual add
+    h: str  # operand from the sublayer (after dropout)
+    x: str  # operand from the residual stream
+    norm: str | None  # node name of the post-LN call normalising the add, if any
+    producer: str  # module path (or function) producing h
+
+    @property
+    def output(self) -> str:
+        """The node whose value leaves the site (the norm for post-LN layers, else the add)."""
+        return self.norm or self.add
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """A Linear-like call (``attn.q``, ``ffn.up``, ...)."""
+
+    kind: str
+    module: str  # module path inside the layer
+    node: str
+
+
+@dataclass
+class SiteReport:
+    residual: list[ResidualSite] = field(default_factory=list)
+    modules: list[ModuleSite] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+
+    def residual_by_kind(self) -> dict[str, ResidualSite]:
+        return {s.kind: s for s in self.residual}
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.residual] + [s.kind for s in self.modules]
+
+
+def _module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    try:
+        return root.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+def is_linear_like(module: nn.Module | None) -> bool:
+    """nn.Linear and subclasses, HF's Conv1D, and other parameter-holding leaves with a 2-D weight."""
+    if module is None or isinstance(module, nn.Embedding):
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor) and weight.dim() == 2 and next(module.children(), None) is None
+    )
+
+
+def is_norm(module: nn.Module | None) -> bool:
+    if module is None:
+        return False
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return True
+    return type(module).__name__.lower().endswith("norm")
+
+
+def _is_attention_leaf(root: nn.Module, node: fx.Node) -> bool:
+    if is_attention_function(node):
+        return True
+    module = _module_of(root, node)
+    return module is not None and "attention" in type(module).__name__.lower()
+
+
+def _is_softmax(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target == "softmax":
+        return True
+    return isinstance(_module_of(root, node), nn.Softmax)
+
+
+def _stack_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values()]
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _through_transparent(root: nn.Module, node: fx.Node) -> fx.Node:
+    """Walk back through dropout, casts, hook replays and ``[0]`` of tuple-returning calls."""
+    while True:
+        if node.op == "call_module" and isinstance(_module_of(root, node), nn.Dropout):
+            node = node.args[0]  # type: ignore[assignment]
+        elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+            node = node.args[0]  # type: ignore[assignment]
+        elif node.op == "call_method" and node.target in _CAST_METHODS:
+            node = node.args[0]  # type: ignore[assignment]
+        elif node.op == "call_function" and node.target is replay_forward_hooks:
+            node = node.args[3]  # type: ignore[assignment]
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+            node = node.args[0]  # type: ignore[assignment]
+        else:
+            return node
+        if not isinstance(node, fx.Node):
+            return node  # type: ignore[return-value]
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """Inputs that carry tensors (sizes and shapes are not data flow for site classification)."""
+    return [n for n in node.all_input_nodes if "fxadapt_meta" in n.meta or n.op == "placeholder"]
+
+
+def _tensor_shape(node: object) -> tuple | None:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("fxadapt_meta")
+    return meta[1] if meta else None
+
+
+@dataclass
+class _Scope:
+    path: str
+    cross: bool
+
+
+def _attention_scopes(root: nn.Module, graph: fx.Graph, primary: fx.Node | None) -> list[_Scope]:
+    scopes: list[_Scope] = []
+    for node in graph.nodes:
+        if not (_is_attention_leaf(root, node) or _is_softmax(root, node)):
+            continue
+        paths = _stack_paths(node)
+        if not paths:
+            continue
+        path = paths[0]
+        if any(s.path == path for s in scopes):
+            continue
+        if is_attention_function(node) and len(node.args) > 2 and isinstance(node.args[2], fx.Node):
+            keys_from = node.args[2]
+        else:
+            keys_from = node
+        cross = primary is not None and primary not in _ancestors(keys_from) and keys_from is not primary
+        scopes.append(_Scope(path, cross))
+    return scopes
+
+
+def _scope_of(path: str, scopes: Iterable[_Scope]) -> _Scope | None:
+    for s in scopes:
+        if path == s.path or path.startswith(s.path + "."):
+            return s
+    return None
+
+
+def _producer_path(root: nn.Module, node: fx.Node) -> str | None:
+    """Module path of a Linear-like or attention producer, else None."""
+    if node.op == "call_module":
+        module = _module_of(root, node)
+        if is_linear_like(module) or _is_attention_leaf(root, node):
+            return str(node.target)
+        return None
+    if is_attention_function(node):
+        paths = _stack_paths(node)
+        return paths[-1] if paths else ""
+    return None
+
+
+def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
+    """Find residual and module sites in a captured layer graph (see the module docstring for the rules)."""
+    report = SiteReport()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    primary = placeholders[0] if placeholders else None
+    scopes = _attention_scopes(root, graph, primary)
+
+    def kind_for(path: str, prefix_self: str, prefix_cross: str, default: str) -> str:
+        scope = _scope_of(path, scopes)
+        if scope is None:
+            return default
+        return prefix_cross if scope.cross else prefix_self
+
+    seen_kinds: dict[str, int] = {}
+    for node in graph.nodes:
+        is_add = (node.op == "call_function" and node.target in _ADD_TARGETS) or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        )
+        if not is_add or len(node.args) != 2 or node.kwargs:
+            continue
+        a, b = node.args
+        shape = _tensor_shape(node)
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or shape is None:
+            continue
+        if _tensor_shape(a) != shape or _tensor_shape(b) != shape:
+            report.rejected.append((node.name, "operands differ in shape from the result (a broadcast, not a residual)"))
+            continue
+        producers = [_producer_path(root, _through_transparent(root, op)) for op in (a, b)]
+        if producers[0] is not None and producers[1] is not None:
+            report.rejected.append(
+                (node.name, f"both operands come from projections ({producers[0]}, {producers[1]}): no residual stream")
+            )
+            continue
+        if producers[0] is None and producers[1] is None:
+            report.rejected.append((node.name, "neither operand comes from a Linear-like or attention call"))
+            continue
+        h, x = (a, b) if producers[0] is not None else (b, a)
+        producer = producers[0] if producers[0] is not None else producers[1]
+        assert producer is not None
+        if h in _ancestors(x) or h is x:
+            report.rejected.append((node.name, "the residual operand depends on the sublayer output"))
+            continue
+        kind = kind_for(producer, "attn.out", "cross.out", "ffn.out")
+        count = seen_kinds.get(kind, 0)
+        seen_kinds[kind] = count + 1
+        if count:
+            kind = f"{kind}.{count}"
+        norm = None
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and is_norm(_module_of(root, users[0])):
+            if users[0].args and users[0].args[0] is node:
+                norm = users[0].name
+        report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer))
+
+    report.modules = _module_sites(root, graph, scopes, report.residual)
+    return report
+
+
+def _module_sites(
+    root: nn.Module, graph: fx.Graph, scopes: list[_Scope], residual: list[ResidualSite]
+) -> list[ModuleSite]:
+    nodes = {n.name: n for n in graph.nodes}
+    linear_calls = [n for n in graph.nodes if n.op == "call_module" and is_linear_like(_module_of(root, n))]
+    attention_calls = [n for n in graph.nodes if is_attention_function(n)]
+    sites: list[ModuleSite] = []
+    assigned: set[str] = set()
+
+    def nearest_linears(start: fx.Node) -> list[fx.Node]:
+        """Linear calls reached walking back from ``start`` without passing through another Linear."""
+        found, todo, seen = [], [start], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in linear_calls:
+                found.append(n)
+                continue
+            todo.extend(_tensor_inputs(n))
+        return found
+
+    def add(kind: str, node: fx.Node) -> None:
+        if node.name not in assigned:
+            assigned.add(node.name)
+            sites.append(ModuleSite(kind, str(node.target), node.name))
+
+    for call in attention_calls:
+        scope = _scope_of(_stack_paths(call)[-1] if _stack_paths(call) else "", scopes)
+        prefix = "cross" if scope is not None and scope.cross else "attn"
+        qkv = [a if isinstance(a, fx.Node) else None for a in call.args[1:4]]
+        producers = [nearest_linears(a) if a is not None else [] for a in qkv]
+        flat = [p[0] if len(p) == 1 else None for p in producers]
+        if flat[0] is not None and flat[0] is flat[1] is flat[2]:
+            add(f"{prefix}.qkv", flat[0])
+        else:
+            for role, p in zip(("q", "k", "v"), flat):
+                if p is not None:
+                    add(f"{prefix}.{role}", p)
+        for n in linear_calls:  # the output projection consumes the attention result
+            if call in _ancestors(n) and scope is not None and _scope_of(str(n.target), [scope]):
+                add(f"{prefix}.o", n)
+                break
+
+    for site in residual:
+        if not site.kind.startswith("ffn.out"):
+            continue
+        h = _through_transparent(root, nodes[site.h])
+        if h not in linear_calls:
+            continue
+        add("ffn.down", h)
+        inner = [n for n in nearest_linears_inputs(h, linear_calls) if n.name not in assigned]
+        if len(inner) == 1:
+            add("ffn.up", inner[0])
+        elif len(inner) == 2:
+            gate = next((n for n in inner if _feeds_activation(root, n)), None)
+            if gate is not None:
+                add("ffn.gate", gate)
+                add("ffn.up", next(n for n in inner if n is not gate))
+    return sites
+
+
+def nearest_linears_inputs(node: fx.Node, linear_calls: list[fx.Node]) -> list[fx.Node]:
+    """Linear calls feeding ``node``'s inputs, stopping at the first Linear on each path."""
+    found: list[fx.Node] = []
+    todo, seen = _tensor_inputs(node), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in linear_calls:
+            if n not in found:
+                found.append(n)
+            continue
+        todo.extend(n.all_input_nodes)
+    return sorted(found, key=lambda n: list(n.graph.nodes).index(n))
+
+
+def _feeds_activation(root: nn.Module, node: fx.Node) -> bool:
+    for user in node.users:
+        if user.op == "call_module":
+            module = _module_of(root, user)
+            if module is not None and not is_linear_like(module) and not isinstance(module, nn.Dropout):
+                return True
+        if user.op == "call_function" and getattr(user.target, "__module__", "").startswith("torch.nn.functional"):
+            return True
+        if user.op == "call_function" and user.target in (torch.sigmoid, torch.tanh, torch.relu):
+            return True
+    return False

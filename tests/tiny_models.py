@@ -1,0 +1,72 @@
+"""Tiny random-weight Hugging Face models, built from configs (no hub access), one per architecture family."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 99
+
+_COMMON = dict(vocab_size=VOCAB)
+
+# name -> (config class, config kwargs, model class name, kind)
+#   kind: "encoder" (bidirectional), "decoder" (causal LM), "seq2seq", "vision"
+SPECS: dict[str, tuple[str, dict, str, str]] = {
+    "bert": ("BertConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, **_COMMON), "BertModel", "encoder"),
+    "roberta": ("RobertaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, **_COMMON), "RobertaModel", "encoder"),
+    "xlm-roberta": ("XLMRobertaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, **_COMMON), "XLMRobertaModel", "encoder"),
+    "distilbert": ("DistilBertConfig", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64, **_COMMON), "DistilBertModel", "encoder"),
+    "electra": ("ElectraConfig", dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, **_COMMON), "ElectraModel", "encoder"),
+    "deberta-v2": ("DebertaV2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, relative_attention=True, position_buckets=16, max_relative_positions=32, pos_att_type=["p2c", "c2p"], **_COMMON), "DebertaV2Model", "encoder"),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, **_COMMON), "GPT2LMHeadModel", "decoder"),
+    "llama": ("LlamaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "LlamaForCausalLM", "decoder"),
+    "mistral": ("MistralConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "MistralForCausalLM", "decoder"),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "Qwen2ForCausalLM", "decoder"),
+    "t5": ("T5Config", dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, **_COMMON), "T5ForConditionalGeneration", "seq2seq"),
+    "bart": ("BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, **_COMMON), "BartForConditionalGeneration", "seq2seq"),
+    "vit": ("ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4, num_channels=3), "ViTModel", "vision"),
+}
+
+ARCHS = list(SPECS)
+DECODERS = [a for a, s in SPECS.items() if s[3] in ("decoder", "seq2seq")]
+
+# residual sites per layer list: list path -> sites each layer has
+EXPECTED_SITES = {
+    "seq2seq": {"encoder": {"attn.out", "ffn.out"}, "decoder": {"attn.out", "cross.out", "ffn.out"}},
+}
+
+
+def make_config(arch: str, **overrides) -> tf.PretrainedConfig:
+    cfg_name, kwargs, _, _ = SPECS[arch]
+    cfg = getattr(tf, cfg_name)(**{**kwargs, **overrides})
+    return cfg
+
+
+def make_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    _, _, model_name, _ = SPECS[arch]
+    model = getattr(tf, model_name)(make_config(arch, **overrides))
+    return model.eval()
+
+
+def make_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    kind = SPECS[arch][3]
+    if kind == "vision":
+        size = SPECS[arch][1]["image_size"]
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0  # some padding, so masks are exercised
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
+    return inputs
+
+
+def main_output(out) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return out[0]
