@@ -1,0 +1,337 @@
+"""Shared plumbing for ``fxadapt.kernels``: backend choice, lazy Triton import, activations, tiles, schedules.
+
+Nothing here imports Triton at module import time. The Triton kernel modules (``_triton_*.py``) are imported on
+the first call that wants them, so that ``import fxadapt.kernels`` works (and stays cheap) on machines without
+Triton or without a GPU, and so that ``TRITON_INTERPRET`` is read when the kernels are first needed rather than when
+the package happens to be imported (Triton reads it when ``@triton.jit`` runs).
+
+Backend choice, in order:
+  1. ``fxadapt.kernels.backend(name)`` / ``force_triton()`` context managers (process-global, not thread-local:
+     autograd runs CUDA backward passes on its own threads, which must see the same choice);
+  2. the environment variable ``FXADAPT_KERNELS`` = ``auto`` (default) | ``triton`` | ``reference``.
+``auto`` uses Triton for CUDA tensors when Triton imports, the PyTorch reference otherwise. ``triton`` also runs
+the kernels on CPU tensors under ``TRITON_INTERPRET=1`` (for tests) and raises instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "FXADAPT_KERNELS"
+
+#: The kernels keep a whole [BLOCK_M, rank] tile in registers; above this rank they would spill, so the ops use
+#: the reference instead (and ``can_use_triton`` says so).
+MAX_RANK = 256
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_forced: str | None = None
+
+
+def backend_mode() -> str:
+    """The backend currently requested: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    if _forced is not None:
+        return _forced
+    raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if raw not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={raw!r} is not a known backend; expected one of {', '.join(BACKENDS)}")
+    return raw
+
+
+@contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with kernel backend ``name`` (``auto`` | ``triton`` | ``reference``).
+
+    Overrides ``FXADAPT_KERNELS`` and restores the previous choice on exit. Process-global (see module docstring).
+    """
+    global _forced
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    previous = _forced
+    _forced = name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def force_triton() -> AbstractContextManager[None]:
+    """Force the Triton kernels, also on CPU tensors when ``TRITON_INTERPRET=1`` (the CPU test path)."""
+    return backend("triton")
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    """Whether ``import triton`` works here (cached: the answer cannot change within a process)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything at import
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    return True, "triton importable"
+
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def kernel_module(name: str) -> ModuleType:
+    """Import ``fxadapt.kernels._triton_<name>`` on first use (this is where Triton itself gets imported)."""
+    module = _loaded.get(name)
+    if module is None:
+        module = importlib.import_module(f"{__package__}._triton_{name}")
+        _loaded[name] = module
+    return module
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter.
+
+    Once a kernel module is loaded its jitted functions are fixed, so their type is the truth; before that, the
+    environment variable is (Triton accepts "1", "true", "on", "yes").
+    """
+    for module in _loaded.values():
+        return bool(module.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def can_use_triton(
+    x: torch.Tensor, *operands: torch.Tensor | None, rank: int | None = None
+) -> tuple[bool, str]:
+    """Say whether the fused Triton kernels would serve a call whose activations are ``x``.
+
+    ``operands`` (weights, biases, residual; ``None`` entries are skipped) must share ``x``'s device and dtype;
+    ``rank`` is the adapter width. Returns ``(ok, reason)``; ``reason`` is a human-readable sentence meant for the
+    compiler's ``explain()``. Never raises and never imports Triton kernels.
+    """
+    mode = backend_mode()
+    if mode == "reference":
+        return False, f"backend is 'reference' ({ENV_VAR} or fxadapt.kernels.backend())"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return False, f"dtype {x.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+    for op in operands:
+        if op is None:
+            continue
+        if op.device != x.device:
+            return False, f"operands on different devices ({x.device} and {op.device})"
+        if op.dtype != x.dtype:
+            return (
+                False,
+                f"mixed dtypes ({x.dtype} activations, {op.dtype} operand); the kernels need one dtype",
+            )
+    if rank is not None and rank > MAX_RANK:
+        return False, f"rank {rank} exceeds the fused kernels' limit of {MAX_RANK}"
+    ok, why = triton_status()
+    if not ok:
+        return False, why
+    if x.device.type == "cuda":
+        return True, "Triton kernels on CUDA"
+    if x.device.type == "cpu":
+        if mode == "triton" and interpreting():
+            return True, "Triton kernels in the interpreter (TRITON_INTERPRET=1, forced)"
+        if mode == "triton":
+            return False, "Triton forced but the tensor is on cpu and TRITON_INTERPRET=1 was not set"
+        return False, (
+            "tensor is on cpu: the Triton kernels need CUDA "
+            f"(to run them on CPU: TRITON_INTERPRET=1 and {ENV_VAR}=triton)"
+        )
+    return False, f"device type {x.device.type!r} is not supported by the Triton kernels"
+
+
+def use_triton(x: torch.Tensor, *operands: torch.Tensor | None, rank: int | None = None) -> bool:
+    """Dispatch decision inside an op: like :func:`can_use_triton`, but a forced Triton backend that cannot run
+    raises instead of quietly running the reference (a test that forces Triton must test Triton)."""
+    ok, why = can_use_triton(x, *operands, rank=rank)
+    if not ok and backend_mode() == "triton":
+        raise RuntimeError(f"fxadapt.kernels: backend 'triton' was forced but cannot run: {why}")
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations. Codes are the constexpr the kernels branch on; aliases follow AdapterHub / HF config names.
+ACTIVATIONS: dict[str, int] = {
+    "identity": 0,
+    "linear": 0,
+    "relu": 1,
+    "gelu": 2,  # exact (erf) GELU, torch.nn.functional.gelu's default
+    "gelu_tanh": 3,  # tanh approximation
+    "gelu_new": 3,  # HF/AdapterHub name of the tanh approximation
+    "gelu_pytorch_tanh": 3,
+    "silu": 4,
+    "swish": 4,
+    "tanh": 5,
+}
+_CANONICAL = {0: "identity", 1: "relu", 2: "gelu", 3: "gelu_tanh", 4: "silu", 5: "tanh"}
+
+
+def canonical_act(name: str) -> str:
+    """Validate an activation name and return its canonical spelling (e.g. ``"swish"`` → ``"silu"``)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in ACTIVATIONS:
+        near = difflib.get_close_matches(str(key), list(ACTIVATIONS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}{hint}")
+    return _CANONICAL[ACTIVATIONS[key]]
+
+
+def act_code(name: str) -> int:
+    return ACTIVATIONS[canonical_act(name)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes and tiles.
+def pow2_tile(n: int, lo: int, hi: int) -> int:
+    """Smallest power of two ≥ n, clamped to [lo, hi]. ``lo`` is ≥ 16 wherever the tile feeds ``tl.dot``."""
+    p = 1 << max(int(n) - 1, 0).bit_length()
+    return max(lo, min(hi, p))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def saved_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the small saved intermediates (pre-activation h, LoRA's x·Aᵀ): fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The reference fallback computes half-precision inputs in fp32, like the kernels' fp32 accumulation."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def split_scale(scale: float | torch.Tensor | None) -> tuple[float, torch.Tensor | None]:
+    """Public ``scale`` argument → (python float factor, optional tensor factor) for the op schemas."""
+    if scale is None:
+        return 1.0, None
+    if isinstance(scale, torch.Tensor):
+        return 1.0, scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or a tensor, got {type(scale).__name__}")
+    return float(scale), None
+
+
+def expand_ids(adapter_ids: torch.Tensor, lead_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Per-row or per-segment adapter ids → one id per flattened row.
+
+    ``adapter_ids`` has the shape of a prefix of ``lead_shape`` (x's shape without the feature dim): ``[N]`` for
+    flat rows, ``[B]`` for a ``[B, T, d]`` batch where each sequence uses one adapter, or ``[B, T]``.
+    """
+    if adapter_ids.is_floating_point() or adapter_ids.is_complex() or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    k = adapter_ids.dim()
+    if tuple(adapter_ids.shape) != tuple(lead_shape[:k]):
+        raise ValueError(
+            f"adapter_ids shape {tuple(adapter_ids.shape)} must be a prefix of x's leading shape {tuple(lead_shape)}"
+        )
+    ids = adapter_ids.reshape(tuple(adapter_ids.shape) + (1,) * (len(lead_shape) - k))
+    return ids.expand(tuple(lead_shape)).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Rows grouped by adapter for the multi-adapter kernels.
+
+    Group ``g`` holds the rows with adapter id ``g - 1`` (group 0 = id −1, the passthrough rows). ``perm`` lists
+    row indices sorted by group (stable), so group ``g`` occupies ``perm[seg_start[g] : seg_start[g] + seg_count[g]]``.
+    Row-parallel kernels run one program per block of ``block_m`` rows *within one group* (so each program uses a
+    single adapter): block ``b`` covers ``perm[blk_lo[b] : blk_hi[b]]`` of group ``blk_grp[b]``. ``num_blocks`` is an
+    upper bound fixed without reading the ids back to the host; spare blocks have ``blk_lo == blk_hi`` (no rows).
+    """
+
+    perm: torch.Tensor
+    seg_start: torch.Tensor
+    seg_count: torch.Tensor
+    blk_grp: torch.Tensor
+    blk_lo: torch.Tensor
+    blk_hi: torch.Tensor
+    num_blocks: int
+    num_groups: int
+
+
+def build_schedule(ids: torch.Tensor, num_adapters: int, block_m: int) -> Schedule:
+    """Group rows by adapter id (``ids`` int, values in [−1, num_adapters)) into per-adapter row blocks.
+
+    Entirely on the ids' device (argsort, bincount, cumsum, searchsorted): no host sync.
+    """
+    n = ids.numel()
+    groups = num_adapters + 1
+    key = ids.long() + 1  # group index: passthrough (−1) → 0, adapter a → a + 1
+    perm = torch.argsort(key, stable=True).to(torch.int32)
+    count = torch.bincount(key, minlength=groups)  # rows per group
+    seg_start = torch.cumsum(count, 0) - count  # exclusive prefix sum: first sorted position of each group
+    nblk = (count + block_m - 1) // block_m  # row blocks per group
+    blk_end = torch.cumsum(nblk, 0)  # inclusive prefix sum: one past the last block of each group
+    # Σ_g ceil(count_g / block_m) ≤ Σ_g (count_g / block_m + 1) = n / block_m + groups: a host-side bound.
+    num_blocks = n // block_m + groups
+    b = torch.arange(num_blocks, device=ids.device)
+    grp = torch.searchsorted(
+        blk_end, b, right=True
+    )  # first group whose blocks end after b; == groups if spare
+    spare = grp >= groups
+    g = grp.clamp(max=groups - 1)
+    first_blk = blk_end[g] - nblk[g]
+    lo = seg_start[g] + (b - first_blk) * block_m
+    hi = seg_start[g] + count[g]
+    lo = torch.where(spare, 0, lo)
+    hi = torch.where(spare, 0, torch.minimum(hi, lo + block_m))
+    i32 = torch.int32
+    return Schedule(
+        perm=perm,
+        seg_start=seg_start.to(i32),
+        seg_count=count.to(i32),
+        blk_grp=g.to(i32),
+        blk_lo=lo.to(i32),
+        blk_hi=hi.to(i32),
+        num_blocks=num_blocks,
+        num_groups=groups,
+    )
+
+
+def check_ids(ids: torch.Tensor, num_adapters: int) -> None:
+    """Reject ids outside [−1, num_adapters). Reads two scalars back (a sync on CUDA): a wrong id would otherwise
+    index another adapter's weights silently."""
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < -1 or hi >= num_adapters:
+        bad = lo if lo < -1 else hi
+        raise ValueError(
+            f"adapter id {bad} out of range: ids must be in [-1, {num_adapters}) "
+            f"(−1 = no adapter; the bank holds {num_adapters} adapters)"
+        )
+
+
+def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: a gradient that was not requested comes back as an empty tensor."""
+    return like.new_empty((0,)) if t is None else t
+
+
+def none_if_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+    return t if wanted else None
+
+
+def bank1(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A single adapter's tensor as a bank of one (a view, no copy)."""
+    return None if t is None else t.unsqueeze(0)
+
+
+def unbank1(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.squeeze(0)
+
+
+def lead_rows(x: torch.Tensor) -> int:
+    """Number of rows once x's leading dims are flattened (works with symbolic sizes)."""
+    n = 1
+    for s in x.shape[:-1]:
+        n = n * s
+    return n

@@ -1,0 +1,115 @@
+"""Triton helpers shared by the kernel modules: the dot with its precision policy, and row/segment addressing.
+
+Imported only through ``_common.kernel_module`` (it imports Triton).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Schedule, build_schedule
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def mm(a, b, ELEM: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation.
+
+    DOT_F32: both operands in fp32 with IEEE precision — for fp32 inputs (PyTorch's default fp32 matmul is not
+    TF32 either), and always under the interpreter, which mishandles bf16 bits (triton#11584). Otherwise the
+    operands are cast to the input dtype ELEM (fp16/bf16) for the tensor cores, like an eager half matmul.
+    """
+    if DOT_F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a.to(ELEM), b.to(ELEM))
+    return out
+
+
+@triton.jit
+def block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
+    """Rows of row-block ``pid``: (row indices [BM] int64, row mask [BM], adapter index ≥ 0 (int64), active).
+
+    Without a schedule: rows pid·BM … pid·BM+BM−1, adapter 0. With one: block ``pid`` of the schedule, i.e. sorted
+    positions [lo, hi) of group g, mapped back to original rows through ``perm``. Group 0 holds the passthrough
+    rows (id −1): they compute with adapter 0's weights (valid memory) and callers discard the result
+    (``active`` is False).
+    """
+    if HAS_SCHED:
+        grp = tl.load(bgrp_ptr + pid)
+        lo = tl.load(blo_ptr + pid)
+        hi = tl.load(bhi_ptr + pid)
+        offs = lo + tl.arange(0, BM)
+        mask = offs < hi  # spare blocks have lo == hi: every lane masked
+        rows = tl.load(perm_ptr + offs, mask=mask, other=0)
+        adapter = grp - 1
+    else:
+        offs = pid * BM + tl.arange(0, BM)
+        mask = offs < N
+        rows = offs
+        adapter = pid * 0  # adapter 0, as a tensor like the scheduled branch's
+    return rows.to(tl.int64), mask, tl.maximum(adapter, 0).to(tl.int64), adapter >= 0
+
+
+@triton.jit
+def seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED: tl.constexpr):
+    """Sorted row positions [lo, hi) of group ``grp`` for the column-parallel kernels, its adapter index ≥ 0 and
+    whether it is a real adapter (the passthrough group 0 is not). Without a schedule: all N rows, adapter 0."""
+    if HAS_SCHED:
+        lo = tl.load(seg_lo_ptr + grp)
+        hi = lo + tl.load(seg_cnt_ptr + grp)
+        adapter = grp - 1
+    else:
+        lo = grp * 0
+        hi = lo + N
+        adapter = grp
+    return lo, hi, tl.maximum(adapter, 0).to(tl.int64), adapter >= 0
+
+
+@triton.jit
+def seg_rows(start, hi, perm_ptr, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
+    """Original row indices (int64) and mask for sorted positions start … start+BM−1 (< hi)."""
+    offs = start + tl.arange(0, BM)
+    mask = offs < hi
+    if HAS_SCHED:
+        rows = tl.load(perm_ptr + offs, mask=mask, other=0).to(tl.int64)
+    else:
+        rows = offs.to(tl.int64)
+    return rows, mask
+
+
+INTERPRETED = type(mm).__name__ == "InterpretedFunction"
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """Whether ``mm`` runs in fp32 for this input dtype (see ``mm``)."""
+    return INTERPRETED or dtype == torch.float32
+
+
+def schedule(ids: Tensor | None, adapters: int, block_m: int) -> Schedule | None:
+    return None if ids is None else build_schedule(ids, adapters, block_m)
+
+
+def row_sched_args(sched: Schedule | None, dummy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(perm, blk_grp, blk_lo, blk_hi) for ``block_rows``; unused dummies without a schedule."""
+    if sched is None:
+        return dummy, dummy, dummy, dummy
+    return sched.perm, sched.blk_grp, sched.blk_lo, sched.blk_hi
+
+
+def seg_sched_args(sched: Schedule | None, dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(perm, seg_start, seg_count) for ``seg_range`` / ``seg_rows``."""
+    if sched is None:
+        return dummy, dummy, dummy
+    return sched.perm, sched.seg_start, sched.seg_count
+
+
+def num_row_blocks(sched: Schedule | None, n: int, block_m: int) -> int:
+    return -(-n // block_m) if sched is None else sched.num_blocks
+
+
+def num_groups(sched: Schedule | None) -> int:
+    return 1 if sched is None else sched.num_groups
