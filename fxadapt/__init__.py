@@ -1,1 +1,54 @@
-"""fxadapt: adapters for Hugging Face models, compiled into the graph."""
+"""fxadapt: adapters for Hugging Face models, compiled into the graph.
+
+``fxadapt.inject(model, {"sst-2": "seq_bn"})`` traces each of the model's layers with torch.fx, finds the sites
+(attention/FFN outputs on the residual stream, projections), inserts adapter nodes there and installs the generated
+code into the layers, in place. The model keeps its class, its Hugging Face API and its state_dict keys.
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .api import (
+    activate,
+    active_adapters,
+    adapter_parameters,
+    explain,
+    inject,
+    list_adapters,
+    remove,
+    train_adapter,
+)
+from .errors import (
+    AdapterNotFoundError,
+    CaptureError,
+    CheckpointError,
+    CompositionError,
+    ConfigError,
+    FxAdaptError,
+    NameCollisionError,
+    NotMergeableError,
+    SiteNotFoundError,
+)
+from .methods.bottleneck import BottleneckConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterNotFoundError",
+    "BottleneckConfig",
+    "CaptureError",
+    "CheckpointError",
+    "CompositionError",
+    "ConfigError",
+    "FxAdaptError",
+    "NameCollisionError",
+    "NotMergeableError",
+    "SiteNotFoundError",
+    "__version__",
+    "activate",
+    "active_adapters",
+    "adapter_parameters",
+    "explain",
+    "inject",
+    "list_adapters",
+    "remove",
+    "train_adapter",
+]

@@ -31,6 +31,7 @@ import enum
 import functools
 import inspect
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,18 @@ _MISSING = object()
 
 # Tensor attributes and methods whose answer depends only on dtype/rank/device, all of which are in the guard key.
 _STATIC_ATTRS = frozenset(
-    {"dtype", "device", "ndim", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized", "is_mps", "layout"}
+    {
+        "dtype",
+        "device",
+        "ndim",
+        "is_cuda",
+        "is_cpu",
+        "is_meta",
+        "is_sparse",
+        "is_quantized",
+        "is_mps",
+        "layout",
+    }
 )
 _STATIC_METHODS = frozenset(
     {"dim", "ndimension", "is_floating_point", "is_complex", "element_size", "get_device", "is_signed"}
@@ -191,6 +203,15 @@ class ShadowProxy(fx.Proxy):
             if name in _STATIC_METHODS:
                 return getattr(shadow, name)
         return ShadowAttribute(self, name)
+
+    @property
+    def keys(
+        self,
+    ) -> Any:  # fx's Proxy.keys() is for ** unpacking; HF caches have a ``.keys`` tensor attribute
+        return ShadowAttribute(self, "keys")
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # ``cache.is_updated[i] = True``
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __len__(self) -> int:
         shadow = self._shadow
@@ -327,6 +348,7 @@ class _LayerTracer(fx.Tracer):
         super().__init__(autowrap_modules=(math,))
         self.forced_leaves = forced_leaves
         self.traced_stack: list[str] = []
+        self.value_guards: list[tuple[fx.Node, bool]] = []
         self._inputs: list[tuple[str, Any]] = []
         self._fn: Callable[..., Any] | None = None
 
@@ -369,7 +391,15 @@ class _LayerTracer(fx.Tracer):
         return super().create_arg(a)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        raise CaptureFailure("control flow depends on a traced value (data or a size)", self._where())
+        node = obj.node
+        value = node.meta.get(SHADOW, _MISSING)
+        if value is _MISSING or not _depends_only_on_objects(node):
+            raise CaptureFailure("control flow depends on a traced value (data or a size)", self._where())
+        # A flag read from an opaque input (``cache.is_updated.get(i)``): bake the branch, guard on the value.
+        flag = bool(value)
+        self.value_guards.append((node, flag))
+        self.create_proxy("call_function", check_value_guard, (obj, flag), {})
+        return flag
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         raise CaptureFailure("iteration over a traced value of unknown length", self._where())
@@ -425,6 +455,50 @@ class _LayerTracer(fx.Tracer):
             raise CaptureFailure(f"{node.format_node()} failed on real values: {exc}", self._where()) from exc
 
 
+def check_value_guard(value: Any, expected: bool) -> None:
+    """Run-time check of a branch baked in while tracing (see ``_LayerTracer.to_bool``)."""
+    if bool(value) != expected:
+        raise CaptureError(
+            f"a captured branch assumed a flag was {expected}, but it is {bool(value)} now; this call should have "
+            "been dispatched to another capture (please report this with the model type)"
+        )
+
+
+def _depends_only_on_objects(node: fx.Node) -> bool:
+    """True if ``node`` is computed from opaque (non-tensor) inputs only: no tensor data, sizes or parameters."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        shadow = n.meta.get(SHADOW, _MISSING)
+        if isinstance(shadow, (torch.Tensor, torch.Size)) or n.op in ("get_attr", "call_module"):
+            return False
+        if n.op == "placeholder":
+            continue
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _guard_function(graph: fx.Graph, node: fx.Node) -> Callable[..., Any]:
+    """Code computing ``node`` from the graph's inputs alone: evaluated before dispatch to pick a capture."""
+    needed: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder" or n in needed:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[node])
+    return compile_graph(sub)
+
+
 def _fetch_attr(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for atom in target.split("."):
@@ -449,6 +523,15 @@ class Capture:
     leaves: tuple[str, ...]  # modules made leaves because tracing through them failed
     leaf_reasons: dict[str, str] = field(default_factory=dict)
     input_names: tuple[str, ...] = ()
+    value_guards: tuple[tuple[Callable[..., Any], bool], ...] = ()
+
+    def guards_hold(self, layer: nn.Module, leaves: list[Any]) -> bool:
+        """Whether the branch flags this capture baked in hold for this call."""
+        dynamic = self.dynamic
+        for fn, expected in self.value_guards:
+            if bool(fn(layer, *[leaves[i] for i in dynamic])) != expected:
+                return False
+        return True
 
     def bind(self, code: Callable[..., Any]) -> Callable[[nn.Module, list[Any]], Any]:
         """A runner ``(layer, flat_call_leaves) -> output`` for generated code of this capture's signature."""
@@ -544,6 +627,7 @@ def trace_layer(
             else:
                 out_slots.append(None)
                 consts.append(v)
+        guards = tuple((_guard_function(graph, node), flag) for node, flag in tracer.value_guards)
         for node in graph.nodes:  # shadows are only needed while tracing; don't keep real tensors alive
             shadow = node.meta.pop(SHADOW, None)
             if isinstance(shadow, torch.Tensor):
@@ -559,6 +643,7 @@ def trace_layer(
             leaves=tuple(sorted(forced)),
             leaf_reasons=reasons,
             input_names=tuple(names[i] for i in dynamic),
+            value_guards=guards,
         )
         if verify:
             _verify(layer, orig_forward, capture, leaves, args, kwargs)
@@ -617,10 +702,13 @@ def _verify(layer, orig_forward, capture: Capture, leaves, args, kwargs) -> None
     for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
         if isinstance(e, torch.Tensor):
             if not (isinstance(g, torch.Tensor) and e.shape == g.shape and e.dtype == g.dtype):
-                raise CaptureError(f"captured {type(layer).__name__} output {i} differs in shape/dtype from eager")
-            if not torch.equal(e, g) and not (e.isnan().any() and torch.equal(e.nan_to_num(), g.nan_to_num())):
+                raise CaptureError(
+                    f"captured {type(layer).__name__} output {i} differs in shape/dtype from eager"
+                )
+            if not torch.equal(e, g) and not (
+                e.isnan().any() and torch.equal(e.nan_to_num(), g.nan_to_num())
+            ):
                 diff = (e.double() - g.double()).abs().max().item()
                 raise CaptureError(
                     f"captured {type(layer).__name__} output {i} differs from eager (max abs diff {diff:.3g})"
                 )
-

@@ -124,9 +124,7 @@ def is_linear_like(module: nn.Module | None) -> bool:
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, torch.Tensor) and weight.dim() == 2 and next(module.children(), None) is None
-    )
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and next(module.children(), None) is None
 
 
 def is_norm(module: nn.Module | None) -> bool:
@@ -171,11 +169,11 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 def _through_transparent(root: nn.Module, node: fx.Node) -> fx.Node:
     """Walk back through dropout, casts, hook replays and ``[0]`` of tuple-returning calls."""
     while True:
-        if node.op == "call_module" and isinstance(_module_of(root, node), nn.Dropout):
-            node = node.args[0]  # type: ignore[assignment]
-        elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-            node = node.args[0]  # type: ignore[assignment]
-        elif node.op == "call_method" and node.target in _CAST_METHODS:
+        if (
+            (node.op == "call_module" and isinstance(_module_of(root, node), nn.Dropout))
+            or (node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _CAST_METHODS)
+        ):
             node = node.args[0]  # type: ignore[assignment]
         elif node.op == "call_function" and node.target is replay_forward_hooks:
             node = node.args[3]  # type: ignore[assignment]
@@ -270,12 +268,17 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or shape is None:
             continue
         if _tensor_shape(a) != shape or _tensor_shape(b) != shape:
-            report.rejected.append((node.name, "operands differ in shape from the result (a broadcast, not a residual)"))
+            report.rejected.append(
+                (node.name, "operands differ in shape from the result (a broadcast, not a residual)")
+            )
             continue
         producers = [_producer_path(root, _through_transparent(root, op)) for op in (a, b)]
         if producers[0] is not None and producers[1] is not None:
             report.rejected.append(
-                (node.name, f"both operands come from projections ({producers[0]}, {producers[1]}): no residual stream")
+                (
+                    node.name,
+                    f"both operands come from projections ({producers[0]}, {producers[1]}): no residual stream",
+                )
             )
             continue
         if producers[0] is None and producers[1] is None:
@@ -389,7 +392,9 @@ def _feeds_activation(root: nn.Module, node: fx.Node) -> bool:
             module = _module_of(root, user)
             if module is not None and not is_linear_like(module) and not isinstance(module, nn.Dropout):
                 return True
-        if user.op == "call_function" and getattr(user.target, "__module__", "").startswith("torch.nn.functional"):
+        if user.op == "call_function" and getattr(user.target, "__module__", "").startswith(
+            "torch.nn.functional"
+        ):
             return True
         if user.op == "call_function" and user.target in (torch.sigmoid, torch.tanh, torch.relu):
             return True

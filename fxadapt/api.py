@@ -1,0 +1,404 @@
+"""The verbs users call: inject, activate, remove, train_adapter, explain.
+
+Every verb validates everything before it touches the model, and a failure while committing rolls back, so
+a failed call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import (
+    CompositionError,
+    ConfigError,
+    NameCollisionError,
+    SiteNotFoundError,
+    nearest,
+)
+from .install import install, layer_state, uninstall
+from .methods.base import AdapterConfig, method_for, preset
+from .model import CONTAINER, AdapterRecord, ModelState, get_state, layers_of, plan_for, prime, set_state
+from .rewrite import site_key
+
+__all__ = [
+    "activate",
+    "active_adapters",
+    "adapter_parameters",
+    "explain",
+    "inject",
+    "list_adapters",
+    "remove",
+    "train_adapter",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+AdapterSpec = Mapping[str, "str | AdapterConfig"]
+
+
+def _normalise_spec(spec: AdapterSpec) -> list[tuple[str, AdapterConfig]]:
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(
+            f"adapter spec must be a non-empty mapping of name -> method, e.g. {{'sst-2': 'seq_bn'}}; got {spec!r}"
+        )
+    items = []
+    for name, value in spec.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (it becomes part of state_dict keys)"
+            )
+        if isinstance(value, str):
+            config = preset(value)
+        elif isinstance(value, AdapterConfig):
+            config = value
+        else:
+            raise ConfigError(
+                f"adapter {name!r}: expected a method name like 'seq_bn' or a config such as BottleneckConfig(...), "
+                f"got {type(value).__name__}"
+            )
+        method_for(config)  # registered?
+        items.append((name, config))
+    return items
+
+
+def inject(
+    model: nn.Module,
+    spec: AdapterSpec,
+    *,
+    example_inputs: Any = None,
+    activate: bool = True,
+) -> nn.Module:
+    """Insert adapters into ``model``'s layers, in place, and return the model.
+
+    Args:
+        model: a Hugging Face (or any) model whose layers sit in ModuleLists of same-class blocks.
+        spec: ``{name: method}``, where method is a preset name (``"seq_bn"``, ``"double_seq_bn"``, ``"par_bn"``,
+            ``"scaled_par_bn"``, ...) or a config object (``BottleneckConfig(...)``).
+        example_inputs: a small batch (dict of model kwargs) for the one priming forward; built from the model's
+            config when omitted.
+        activate: make the injected adapters the active setup.
+
+    Raises:
+        ConfigError, NameCollisionError, SiteNotFoundError, CaptureError: nothing is changed when raised.
+    """
+    items = _normalise_spec(spec)
+    state = get_state(model)
+    for name, _ in items:
+        if state is not None and name in state.adapters:
+            raise NameCollisionError(
+                f"an adapter named {name!r} already exists in this model (existing: {sorted(state.adapters)}); "
+                "choose another name or remove it first with fxadapt.remove(model, name)"
+            )
+    paths, layers = layers_of(model)
+    primed = prime(model, layers, example_inputs)
+
+    staged: list[tuple[int, str, str, nn.Module]] = []
+    records: dict[str, AdapterRecord] = {}
+    for name, config in items:
+        method = method_for(config)
+        kinds = method.site_kinds(config)
+        placements: dict[int, list[str]] = {}
+        for index, (layer, (_, traced)) in enumerate(zip(layers, primed)):
+            if not method.applies_to_layer(config, index):
+                continue
+            sites = traced.report.residual_by_kind()
+            for kind in kinds:
+                site = sites.get(kind)
+                if site is None:
+                    continue
+                hidden = _hidden_size(traced.capture.graph, site.h)
+                module = method.build(config, kind, traced.report, layer, index, hidden)
+                module.to(**_placement(layer))
+                staged.append((index, name, kind, module))
+                placements.setdefault(index, []).append(kind)
+        found = {k for ks in placements.values() for k in ks}
+        missing = [k for k in kinds if k not in found]
+        if missing:
+            available = sorted({s.kind for _, t in primed for s in t.report.residual})
+            raise SiteNotFoundError(
+                f"adapter {name!r}: site(s) {missing} not found in {type(model).__name__}; it has {available}"
+                f"{nearest(missing[0], available)}"
+            )
+        records[name] = AdapterRecord(config, {i: tuple(k) for i, k in placements.items()})
+
+    # commit, with rollback
+    new_state = state is None
+    if state is None:
+        state = ModelState(layer_paths=list(paths))
+    installed_now: list[nn.Module] = []
+    added: list[tuple[nn.Module, str]] = []
+    previous_active = state.active
+    try:
+        for index, name, kind, module in staged:
+            layer = layers[index]
+            if layer_state(layer) is None:
+                installed_now.append(layer)
+            lstate = install(layer, index)
+            key, traced = primed[index]
+            if lstate.find_traced(layer, key, []) is None and not traced.capture.value_guards:
+                lstate.add_traced(key, traced)
+            container = layer._modules.get(CONTAINER)
+            if container is None:
+                container = nn.ModuleDict()
+                layer.add_module(CONTAINER, container)
+            if name not in container:
+                container[name] = nn.ModuleDict()
+                added.append((layer, name))
+            container[name][site_key(kind)] = module
+        state.adapters.update(records)
+        if activate:
+            state.active = tuple(records)
+        set_state(model, state)
+        _apply_plans(model, state)
+    except BaseException:
+        for layer, name in added:
+            del layer._modules[CONTAINER][name]
+            if not layer._modules[CONTAINER]:
+                del layer._modules[CONTAINER]
+        for layer in installed_now:
+            uninstall(layer)
+        for name in records:
+            state.adapters.pop(name, None)
+        state.active = previous_active
+        if new_state:
+            set_state(model, None)
+        else:
+            _apply_plans(model, state)
+        raise
+    return model
+
+
+def _hidden_size(graph: torch.fx.Graph, node_name: str) -> int:
+    for node in graph.nodes:
+        if node.name == node_name:
+            return int(node.meta["fxadapt_meta"][1][-1])
+    raise KeyError(node_name)  # pragma: no cover - sites always name existing nodes
+
+
+def _placement(layer: nn.Module) -> dict[str, Any]:
+    for p in layer.parameters():
+        if p.is_floating_point():
+            return {"device": p.device, "dtype": p.dtype}
+    return {}
+
+
+def _apply_plans(model: nn.Module, state: ModelState) -> None:
+    _check_setup(state)
+    _, layers = layers_of(model)
+    for index, layer in enumerate(layers):
+        lstate = layer_state(layer)
+        if lstate is not None:
+            lstate.set_plan(plan_for(state, index))
+
+
+def _check_setup(state: ModelState) -> None:
+    seen: dict[tuple[int, str], str] = {}
+    for name in state.active:
+        for index, kinds in state.adapters[name].placements.items():
+            for kind in kinds:
+                other = seen.setdefault((index, kind), name)
+                if other != name:
+                    raise CompositionError(
+                        f"adapters {other!r} and {name!r} are both active at site {kind!r} of layer {index}; "
+                        "activate one of them (composition blocks such as Stack come with fxadapt.compose)"
+                    )
+
+
+def _no_adapters(model: nn.Module) -> Exception:
+    from .errors import AdapterNotFoundError
+
+    return AdapterNotFoundError(
+        f"{type(model).__name__} has no fxadapt adapters; add one with fxadapt.inject(model, {{'name': 'seq_bn'}})"
+    )
+
+
+def _names(names: str | Iterable[str] | None) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    return tuple(names)
+
+
+def activate(model: nn.Module, names: str | Sequence[str] | None) -> nn.Module:
+    """Make ``names`` the active adapters (``None`` deactivates all: the model runs as the base model)."""
+    state = get_state(model)
+    wanted = _names(names)
+    if state is None:
+        if wanted:
+            raise _no_adapters(model)
+        return model
+    for name in wanted:
+        state.record(name)
+    previous = state.active
+    state.active = wanted
+    try:
+        _apply_plans(model, state)
+    except BaseException:
+        state.active = previous
+        _apply_plans(model, state)
+        raise
+    return model
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    state = get_state(model)
+    return state.active if state is not None else ()
+
+
+def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
+    """Every adapter in the model with its config, in injection order."""
+    state = get_state(model)
+    return {n: r.config for n, r in state.adapters.items()} if state is not None else {}
+
+
+def remove(model: nn.Module, name: str) -> nn.Module:
+    """Delete adapter ``name`` and its weights. With no adapter left the model is exactly the original."""
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    state.record(name)
+    _, layers = layers_of(model)
+    del state.adapters[name]
+    state.active = tuple(n for n in state.active if n != name)
+    for layer in layers:
+        container = layer._modules.get(CONTAINER)
+        if container is not None and name in container:
+            del container[name]
+            if not container:
+                del layer._modules[CONTAINER]
+    _apply_plans(model, state)
+    for layer in layers:
+        if CONTAINER not in layer._modules:
+            uninstall(layer)
+    if not state.adapters:
+        set_state(model, None)
+    return model
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The parameters of adapter ``name``, keyed by their full state_dict name."""
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    state.record(name)
+    out = {}
+    for path in state.layer_paths:
+        layer = model.get_submodule(path)
+        container = layer._modules.get(CONTAINER)
+        if container is not None and name in container:
+            for pname, p in container[name].named_parameters():
+                out[f"{path}.{CONTAINER}.{name}.{pname}"] = p
+    return out
+
+
+_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "cls", "heads", "head", "pre_classifier")
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of the model's prediction head: those outside ``model.base_model`` that are not tied to it."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return {}
+    base_ids = {id(p) for p in base.parameters()}
+    prefix = getattr(model, "base_model_prefix", "")
+    return {
+        n: p
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not (prefix and n.startswith(prefix + "."))
+        and id(p) not in base_ids
+        and CONTAINER not in n.split(".")
+    }
+
+
+def train_adapter(model: nn.Module, name: str, *, train_head: bool = True) -> nn.Module:
+    """Freeze everything except adapter ``name`` (and the prediction head), activate it, set train mode."""
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    state.record(name)
+    trainable = set(map(id, adapter_parameters(model, name).values()))
+    if train_head:
+        trainable |= set(map(id, head_parameters(model).values()))
+    activate(model, name)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# explain
+
+
+@dataclass
+class LayerExplanation:
+    path: str
+    cls: str
+    sites: list[str]
+    module_sites: list[str]
+    leaves: dict[str, str]
+    rejected: list[tuple[str, str]]
+    guard_keys: int
+    plan: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    model: str
+    layers: list[LayerExplanation]
+
+    def __str__(self) -> str:
+        lines = [f"fxadapt: {self.model}, {len(self.layers)} layers"]
+        for le in self.layers:
+            lines.append(f"  {le.path} ({le.cls}): sites {', '.join(le.sites) or 'none'}")
+            if le.module_sites:
+                lines.append(f"      module sites: {', '.join(le.module_sites)}")
+            if le.plan:
+                lines.append(f"      active: {', '.join(le.plan)}")
+            for leaf, why in le.leaves.items():
+                lines.append(f"      opaque submodule {leaf}: {why}")
+            for node, why in le.rejected:
+                lines.append(f"      not a site: {node}: {why}")
+            if le.guard_keys:
+                lines.append(f"      captured calls (guard keys): {le.guard_keys}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython
+        p.text(str(self))
+
+
+def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = False) -> Explanation:
+    """Per layer: sites found (and why other candidates were rejected), opaque submodules, captures, plan.
+
+    Works on a model with or without adapters; it traces but never modifies the model.
+    """
+    paths, layers = layers_of(model)
+    primed = prime(model, layers, example_inputs)
+    out = []
+    for path, layer, (_, traced) in zip(paths, layers, primed):
+        lstate = layer_state(layer)
+        report = traced.report
+        out.append(
+            LayerExplanation(
+                path=path,
+                cls=(lstate.orig_class if lstate else type(layer)).__name__,
+                sites=[
+                    f"{s.kind} (from {s.producer}{', post-norm' if s.norm else ''})" for s in report.residual
+                ],
+                module_sites=[f"{s.kind}={s.module}" for s in report.modules],
+                leaves=dict(traced.capture.leaf_reasons),
+                rejected=report.rejected if verbose else [],
+                guard_keys=len(lstate.traced) if lstate else 0,
+                plan=[
+                    f"{i.adapter} ({i.config.method}) at {i.site}" for i in (lstate.plan if lstate else ())
+                ],
+            )
+        )
+    explanation = Explanation(type(model).__name__, out)
+    return explanation

@@ -1,0 +1,169 @@
+"""Install: bind generated code into a layer without changing what the layer *is*.
+
+Replacing a layer with a GraphModule breaks Hugging Face (hidden-state recording, gradient checkpointing,
+chunked feed-forward). Instead each layer's class is swapped for a subclass of it (one per original class,
+same name) whose ``forward`` dispatches on the guard key to generated code. ``isinstance`` checks, HF's
+``GradientCheckpointingLayer.__call__``, hooks and ``state_dict`` keys keep working. Pickling and deepcopy
+rebuild the subclass from the original class, and drop generated code, which is re-traced lazily.
+
+A layer with no active adapter runs its original eager ``forward``, so an un-activated model is bit-identical
+to the untouched one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .capture import Capture, guard_key, trace_layer
+from .rewrite import PlanItem, build_runner
+from .sites import SiteReport, find_sites
+
+__all__ = ["LayerState", "install", "is_installed", "layer_state", "uninstall"]
+
+_STATE = "_fxadapt_layer"
+_SUBCLASSES: dict[type, type] = {}
+
+
+@dataclass
+class Traced:
+    capture: Capture
+    report: SiteReport
+
+
+@dataclass
+class LayerState:
+    """Per-layer compiler state, kept in the layer's ``__dict__``."""
+
+    orig_class: type
+    index: int
+    plan: tuple[PlanItem, ...] = ()
+    # guard key -> captures for it (several only when captures also differ in baked branch flags)
+    traced: dict[tuple, list[Traced]] = field(default_factory=dict)
+    runners: dict[tuple, list[tuple[Capture, Callable[[nn.Module, list[Any]], Any], str]]] = field(
+        default_factory=dict
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # generated code and graphs are cheap to rebuild and not picklable: drop them
+        return {"orig_class": self.orig_class, "index": self.index, "plan": self.plan}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict) -> LayerState:
+        import copy
+
+        return LayerState(self.orig_class, self.index, copy.deepcopy(self.plan, memo))
+
+    def set_plan(self, plan: tuple[PlanItem, ...]) -> None:
+        if plan != self.plan:
+            self.plan = plan
+            self.runners.clear()
+
+    def add_traced(self, key: tuple, traced: Traced) -> None:
+        self.traced.setdefault(key, []).append(traced)
+
+    def find_traced(self, layer: nn.Module, key: tuple, leaves: list[Any]) -> Traced | None:
+        for traced in self.traced.get(key, ()):
+            if traced.capture.guards_hold(layer, leaves):
+                return traced
+        return None
+
+    def trace(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]) -> Traced:
+        traced = self.find_traced(layer, key, leaves)
+        if traced is None:
+            capture = trace_layer(layer, self.orig_class.forward, args, kwargs)
+            traced = Traced(capture, find_sites(layer, capture.graph))
+            self.add_traced(key, traced)
+        return traced
+
+    def runner_for(self, layer: nn.Module, key: tuple, leaves: list[Any]) -> Callable[..., Any] | None:
+        for capture, runner, _ in self.runners.get(key, ()):
+            if not capture.value_guards or capture.guards_hold(layer, leaves):
+                return runner
+        return None
+
+    @torch.compiler.disable
+    def build(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]):
+        traced = self.trace(layer, args, kwargs, key, leaves)
+        runner, source = build_runner(layer, traced.capture, traced.report, self.plan)
+        self.runners.setdefault(key, []).append((traced.capture, runner, source))
+        return runner
+
+    def sources(self) -> list[str]:
+        """Generated code of every compiled specialisation (for ``explain`` and debugging)."""
+        return [src for entries in self.runners.values() for _, _, src in entries]
+
+
+def layer_state(layer: nn.Module) -> LayerState | None:
+    return layer.__dict__.get(_STATE)
+
+
+def is_installed(layer: nn.Module) -> bool:
+    return _STATE in layer.__dict__
+
+
+def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    state: LayerState = self.__dict__[_STATE]
+    if not state.plan:
+        return state.orig_class.forward(self, *args, **kwargs)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    key = guard_key(self, leaves, spec)
+    runner = state.runner_for(self, key, leaves)
+    if runner is None:
+        runner = state.build(self, args, kwargs, key, leaves)
+    return runner(self, leaves)
+
+
+def _rebuild(orig_class: type) -> nn.Module:
+    obj = orig_class.__new__(orig_class)
+    obj.__class__ = fxadapt_class(orig_class)
+    return obj
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
+    state = self.__dict__[_STATE]
+    return (_rebuild, (state.orig_class,), self.__getstate__())
+
+
+def fxadapt_class(orig: type) -> type:
+    """The registered subclass of ``orig`` that dispatches to generated code (same name and module)."""
+    sub = _SUBCLASSES.get(orig)
+    if sub is None:
+        sub = type(
+            orig.__name__,
+            (orig,),
+            {
+                "forward": _dispatch_forward,
+                "__reduce_ex__": _reduce_ex,
+                "__module__": orig.__module__,
+                "__qualname__": orig.__qualname__,
+                "_fxadapt_orig_class": orig,
+            },
+        )
+        _SUBCLASSES[orig] = sub
+    return sub
+
+
+def install(layer: nn.Module, index: int) -> LayerState:
+    """Swap ``layer``'s class for its fxadapt subclass (idempotent) and return its state."""
+    state = layer_state(layer)
+    if state is None:
+        orig = type(layer)
+        state = LayerState(orig, index)
+        layer.__dict__[_STATE] = state
+        layer.__class__ = fxadapt_class(orig)
+    return state
+
+
+def uninstall(layer: nn.Module) -> None:
+    """Restore the layer's original class and drop all compiler state."""
+    state = layer.__dict__.pop(_STATE, None)
+    if state is not None:
+        layer.__class__ = state.orig_class

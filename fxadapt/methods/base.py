@@ -1,0 +1,144 @@
+"""What every adapter method provides, and the registry that maps configs and preset names to methods.
+
+A method is one file in ``fxadapt/methods/``: a frozen config dataclass, the module(s) holding its weights with
+their reference math, and a ``Method`` subclass that says which sites it uses and how it rewrites a site.
+It registers itself with :func:`register_method`; nothing else in fxadapt names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError, nearest
+
+if TYPE_CHECKING:
+    from ..rewrite import Emitter
+    from ..sites import SiteReport
+
+__all__ = [
+    "AdapterConfig",
+    "Method",
+    "config_from_dict",
+    "method_for",
+    "preset",
+    "preset_names",
+    "register_method",
+    "register_preset",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Base of all method configs: frozen, keyword-only, validated in ``__post_init__``."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class Method:
+    """Per-method behaviour. Subclasses set ``name`` and ``config_class`` and implement the hooks."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]]
+    mergeable: ClassVar[bool] = False
+
+    def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
+        """Site kinds this config attaches to (in every layer that has them)."""
+        raise NotImplementedError
+
+    def applies_to_layer(self, config: AdapterConfig, layer_index: int) -> bool:
+        return layer_index not in getattr(config, "leave_out", ())
+
+    def build(
+        self,
+        config: AdapterConfig,
+        site_kind: str,
+        report: SiteReport,
+        layer: nn.Module,
+        layer_index: int,
+        hidden_size: int,
+    ) -> nn.Module:
+        """The module holding this adapter's weights at one site of one layer."""
+        raise NotImplementedError
+
+    def rewrite(self, emitter: Emitter, site: Any, target: str, config: AdapterConfig) -> None:
+        """Insert this adapter at ``site`` of the graph; ``target`` is the module path of its weights."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, Method] = {}
+_BY_CONFIG: dict[type, Method] = {}
+_PRESETS: dict[str, Callable[[], AdapterConfig]] = {}
+
+
+def register_method(method_cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method known by name and by config class."""
+    method = method_cls()
+    _METHODS[method_cls.name] = method
+    _BY_CONFIG[method_cls.config_class] = method
+    return method_cls
+
+
+def register_preset(name: str, factory: Callable[[], AdapterConfig]) -> None:
+    _PRESETS[name] = factory
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def preset(name: str) -> AdapterConfig:
+    """The config behind an AdapterHub-style string name (``"seq_bn"``, ``"double_seq_bn"``, ...)."""
+    if not isinstance(name, str) or name not in _PRESETS:
+        raise ConfigError(
+            f"unknown adapter method {name!r}; expected one of {preset_names()}{nearest(str(name), _PRESETS)}"
+        )
+    return _PRESETS[name]()
+
+
+def method_for(config: AdapterConfig) -> Method:
+    for cls in type(config).__mro__:
+        if cls in _BY_CONFIG:
+            return _BY_CONFIG[cls]
+    raise ConfigError(
+        f"{type(config).__name__} is not a registered adapter config; expected one of "
+        f"{sorted(c.__name__ for c in _BY_CONFIG)}"
+    )
+
+
+def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
+    """Rebuild a config from :meth:`AdapterConfig.to_dict` output; unknown keys or wrong types raise ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
+    name = data.get("method")
+    if name not in _METHODS:
+        raise ConfigError(
+            f"config names unknown method {name!r}; expected one of {sorted(_METHODS)}"
+            f"{nearest(str(name), _METHODS)}"
+        )
+    cls = _METHODS[name].config_class
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields) - {"method"})
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {cls.__name__} config; expected keys among {sorted(fields)}"
+            f"{nearest(unknown[0], fields)}"
+        )
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k != "method"}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {cls.__name__} config: {exc}") from exc

@@ -1,0 +1,293 @@
+"""Bottleneck adapters (AdapterHub's ``seq_bn``, ``double_seq_bn``, ``par_bn``, ``scaled_par_bn``).
+
+With ``h = dropout(dense(x_in))`` the sublayer output, ``x`` the residual input, ``LN`` the layer's own norm
+(absent in pre-LN layers) and ``A(z) = dropout(s · up(act(down(z))))`` the bottleneck, a sequential adapter
+computes (AdapterHub ``Adapter.pre_forward/forward/post_forward``):
+
+    residual = h                                   (residual_before_ln=True)
+    z        = LN(h + x) if original_ln_before else h
+    residual = h + x if residual_before_ln == "post_add";  = z if residual_before_ln is False
+    a        = A(z) + residual                     (ln_after / adapter_residual_before_ln move a new LN around)
+    y        = LN(a + x) if original_ln_after else a
+
+so ``seq_bn`` is ``y = LN(A(LN(h + x)) + h + x)`` and ``double_seq_bn`` is ``y = LN(A(h) + h + x)``.
+A parallel adapter (``par_bn``) reads the residual input: ``y = LN(h + x + A(x))`` with ``s = 4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, nearest
+from ..sites import RESIDUAL_SITE_KINDS
+from .base import AdapterConfig, Method, register_method, register_preset
+
+__all__ = ["Bottleneck", "BottleneckConfig", "activation", "activation_names"]
+
+_INITS = ("bert", "mam_adapter", "houlsby")
+
+
+def activation_names() -> list[str]:
+    from transformers.activations import ACT2FN
+
+    return sorted({*ACT2FN.keys(), "leakyrelu", "identity", "linear"})
+
+
+def activation(name: str) -> nn.Module:
+    """The activation AdapterHub builds for ``non_linearity=name`` (transformers' ACT2FN, case-insensitive)."""
+    from transformers.activations import get_activation
+
+    key = name.lower()
+    if key == "leakyrelu":
+        return nn.LeakyReLU()
+    if key in ("identity", "linear"):
+        return nn.Identity()
+    return get_activation(key)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BottleneckConfig(AdapterConfig):
+    """A bottleneck adapter. Defaults are AdapterHub's ``SeqBnConfig`` (Pfeiffer et al., 2020).
+
+    Args:
+        sites: residual site kinds to attach to (``"attn.out"``, ``"ffn.out"``, ``"cross.out"``).
+        reduction_factor: hidden size / bottleneck width; a float, or a mapping from layer index (as a string)
+            to a float with an optional ``"default"`` entry.
+        non_linearity: activation between the projections (``"relu"``, ``"swish"``, ``"gelu"``, ...).
+        original_ln_before: apply the layer's residual add and norm before the adapter.
+        original_ln_after: apply the layer's residual add and norm after the adapter.
+        residual_before_ln: where the adapter's own residual is taken: ``True`` (sublayer output), ``"post_add"``
+            (after the layer's residual add) or ``False`` (the adapter input).
+        adapter_residual_before_ln: with ``ln_after``, add the adapter residual before that new norm.
+        ln_before / ln_after: new LayerNorms inside the adapter.
+        is_parallel: parallel adapter reading the sublayer's residual input (He et al., 2021).
+        scaling: output scale: a float, ``"learned"`` (a scalar parameter) or ``"channel"`` (a vector).
+        init_weights: ``"bert"`` (N(0, 0.02) on both projections), ``"mam_adapter"`` (Kaiming down, zero up)
+            or ``"houlsby"`` (truncated normal, std 1e-2).
+        dropout: dropout on the adapter output.
+        leave_out: layer indices (over all layer lists, encoder first) that get no adapter.
+    """
+
+    method = "bottleneck"
+
+    sites: tuple[str, ...] = ("ffn.out",)
+    reduction_factor: float | Mapping[str, float] = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    is_parallel: bool = False
+    scaling: float | str = 1.0
+    init_weights: str = "bert"
+    dropout: float = 0.0
+    leave_out: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        def fail(field: str, value: Any, expected: str, choices: Any = ()) -> None:
+            raise ConfigError(
+                f"BottleneckConfig.{field}={value!r} is invalid; expected {expected}"
+                f"{nearest(str(value), choices) if choices else ''}"
+            )
+
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        object.__setattr__(self, "sites", sites)
+        if not sites:
+            fail("sites", self.sites, f"a non-empty tuple of {sorted(RESIDUAL_SITE_KINDS)}")
+        for s in sites:
+            if s not in RESIDUAL_SITE_KINDS:
+                fail("sites", s, f"residual site kinds {sorted(RESIDUAL_SITE_KINDS)}", RESIDUAL_SITE_KINDS)
+        rf = self.reduction_factor
+        if isinstance(rf, Mapping):
+            rf = {str(k): v for k, v in rf.items()}
+            object.__setattr__(self, "reduction_factor", rf)
+            values = list(rf.values())
+        else:
+            values = [rf]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                fail("reduction_factor", v, "a finite number > 0 (hidden size / bottleneck width)")
+        if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in activation_names():
+            fail("non_linearity", self.non_linearity, f"one of {activation_names()}", activation_names())
+        for flag in (
+            "original_ln_before",
+            "original_ln_after",
+            "adapter_residual_before_ln",
+            "ln_before",
+            "ln_after",
+            "is_parallel",
+        ):
+            if not isinstance(getattr(self, flag), bool):
+                fail(flag, getattr(self, flag), "True or False")
+        if self.residual_before_ln not in (True, False, "post_add"):
+            fail("residual_before_ln", self.residual_before_ln, "True, False or 'post_add'")
+        if isinstance(self.scaling, str):
+            if self.scaling not in ("learned", "channel"):
+                fail("scaling", self.scaling, "a float, 'learned' or 'channel'", ("learned", "channel"))
+        elif isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            fail("scaling", self.scaling, "a float, 'learned' or 'channel'")
+        if self.init_weights not in _INITS:
+            fail("init_weights", self.init_weights, f"one of {list(_INITS)}", _INITS)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            fail("dropout", self.dropout, "a probability in [0, 1)")
+        leave_out = tuple(self.leave_out)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in leave_out):
+            fail("leave_out", self.leave_out, "a list of layer indices (ints >= 0)")
+        object.__setattr__(self, "leave_out", leave_out)
+
+    def reduction_for(self, layer_index: int) -> float:
+        rf = self.reduction_factor
+        if isinstance(rf, Mapping):
+            if str(layer_index) in rf:
+                return rf[str(layer_index)]
+            if "default" in rf:
+                return rf["default"]
+            raise ConfigError(
+                f"BottleneckConfig.reduction_factor={dict(rf)!r} has no entry for layer {layer_index} and no "
+                "'default'; add a 'default' key"
+            )
+        return rf
+
+
+class Bottleneck(nn.Module):
+    """The weights and core math of one bottleneck adapter: ``A(z)`` plus its own residual/norm options."""
+
+    def __init__(self, hidden_size: int, width: int, config: BottleneckConfig):
+        super().__init__()
+        self.parallel = config.is_parallel
+        self.residual_before_norm = config.adapter_residual_before_ln
+        self.norm_before = nn.LayerNorm(hidden_size) if config.ln_before else None
+        self.down = nn.Linear(hidden_size, width)
+        self.act = activation(config.non_linearity)
+        self.up = nn.Linear(width, hidden_size)
+        if config.scaling == "learned":
+            self.scaling: float | nn.Parameter = nn.Parameter(torch.ones(1))
+        elif config.scaling == "channel":
+            self.scaling = nn.Parameter(torch.ones(hidden_size))
+        else:
+            self.scaling = float(config.scaling)
+        self.norm_after = nn.LayerNorm(hidden_size) if config.ln_after else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters(config.init_weights)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        if init == "bert":
+            for lin in (self.down, self.up):
+                lin.weight.normal_(mean=0.0, std=0.02)
+                lin.bias.zero_()
+        elif init == "mam_adapter":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            self.down.bias.zero_()
+            self.up.weight.zero_()
+            self.up.bias.zero_()
+        elif init == "houlsby":
+            for lin in (self.down, self.up):
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                lin.bias.zero_()
+
+    def forward(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        inner = self.norm_before(z) if self.norm_before is not None else z
+        out = self.dropout(self.up(self.act(self.down(inner))) * self.scaling)
+        if self.parallel:
+            return self.norm_after(out) if self.norm_after is not None else out
+        if self.residual_before_norm:
+            out = out + residual
+        if self.norm_after is not None:
+            out = self.norm_after(out)
+        if not self.residual_before_norm:
+            out = out + residual
+        return out
+
+
+@register_method
+class BottleneckMethod(Method):
+    name = "bottleneck"
+    config_class = BottleneckConfig
+
+    def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
+        assert isinstance(config, BottleneckConfig)
+        return config.sites
+
+    def build(self, config, site_kind, report, layer, layer_index, hidden_size):  # type: ignore[override]
+        rf = config.reduction_for(layer_index)
+        width = int(hidden_size // rf)
+        if width < 1 or rf > hidden_size:
+            raise ConfigError(
+                f"BottleneckConfig.reduction_factor={rf!r} gives a bottleneck of width {width} for hidden size "
+                f"{hidden_size}; expected 0 < reduction_factor <= {hidden_size}"
+            )
+        return Bottleneck(hidden_size, width, config)
+
+    def rewrite(self, emitter, site, target, config):  # type: ignore[override]
+        e = emitter
+        h, x = e.node(site.h), e.node(site.x)
+        norm = e.node(site.norm) if site.norm else None
+        with e.after(site.output):
+            if config.is_parallel:
+                a = e.call(target, (x,))
+                y = e.add(a, h)
+            else:
+                residual = h
+                if config.original_ln_before:
+                    added = e.add(h, x)
+                    if config.residual_before_ln == "post_add":
+                        residual = added
+                    z = e.norm(norm, added) if norm is not None else added
+                else:
+                    z = h
+                if config.residual_before_ln is False:
+                    residual = z
+                y = e.call(target, (z, residual))
+            if config.original_ln_after:
+                y = e.add(y, x)
+                if norm is not None:
+                    y = e.norm(norm, y)
+        e.replace(site, y)
+
+
+def _preset(**kw: Any):
+    return lambda: BottleneckConfig(**kw)
+
+
+register_preset("seq_bn", _preset())
+register_preset("pfeiffer", _preset())
+register_preset(
+    "double_seq_bn",
+    _preset(sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish"),
+)
+register_preset(
+    "houlsby", _preset(sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish")
+)
+register_preset(
+    "par_bn",
+    _preset(
+        original_ln_before=False,
+        is_parallel=True,
+        reduction_factor=2,
+        scaling=4.0,
+        init_weights="mam_adapter",
+    ),
+)
+register_preset(
+    "scaled_par_bn",
+    _preset(
+        original_ln_before=False,
+        is_parallel=True,
+        reduction_factor=2,
+        scaling="learned",
+        init_weights="mam_adapter",
+    ),
+)

@@ -1,0 +1,159 @@
+"""Model-level state: which adapters exist, where they sit, which are active; plus priming captures.
+
+The state lives in the model's ``__dict__`` as plain data (layer paths, frozen configs), so deepcopy and pickle
+carry it. Adapter weights live in each layer under ``fxadapt.<adapter>.<site_key>``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .capture import find_layer_lists, guard_key, record_layer_calls, trace_layer
+from .errors import AdapterNotFoundError, CaptureError, nearest
+from .install import LayerState, Traced, layer_state
+from .methods.base import AdapterConfig
+from .rewrite import PlanItem, site_key
+from .sites import find_sites
+
+__all__ = ["AdapterRecord", "ModelState", "default_example_inputs", "get_state", "layers_of", "prime"]
+
+_MODEL_STATE = "_fxadapt_model"
+CONTAINER = "fxadapt"
+
+
+@dataclass
+class AdapterRecord:
+    config: AdapterConfig
+    placements: dict[int, tuple[str, ...]]  # layer index -> site kinds
+
+
+@dataclass
+class ModelState:
+    layer_paths: list[str]
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+
+    def record(self, name: str) -> AdapterRecord:
+        if name not in self.adapters:
+            known = sorted(self.adapters)
+            raise AdapterNotFoundError(
+                f"no adapter named {name!r} in this model; known adapters: {known or 'none'}{nearest(name, known)}"
+            )
+        return self.adapters[name]
+
+
+def get_state(model: nn.Module) -> ModelState | None:
+    return model.__dict__.get(_MODEL_STATE)
+
+
+def set_state(model: nn.Module, state: ModelState | None) -> None:
+    if state is None:
+        model.__dict__.pop(_MODEL_STATE, None)
+    else:
+        model.__dict__[_MODEL_STATE] = state
+
+
+def layers_of(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
+    """Paths and modules of the model's repeating layers, in order (encoder before decoder)."""
+    state = get_state(model)
+    if state is not None:
+        return state.layer_paths, [model.get_submodule(p) for p in state.layer_paths]
+    lists = find_layer_lists(model)
+    if not lists:
+        raise CaptureError(
+            f"no repeating layers found in {type(model).__name__}: expected a ModuleList of same-class transformer "
+            "blocks (like encoder.layer or model.layers)"
+        )
+    paths = [f"{p}.{i}" for p, ml in lists for i in range(len(ml))]
+    return paths, [m for _, ml in lists for m in ml]
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
+    """Small example inputs built from the model's config (token ids, or pixels for vision models)."""
+    config = getattr(model, "config", None)
+    try:
+        param = next(model.parameters())
+        device = param.device
+        float_dtype = param.dtype if param.is_floating_point() else torch.float32
+    except StopIteration:
+        device, float_dtype = torch.device("cpu"), torch.float32
+    name = getattr(model, "main_input_name", "input_ids")
+    gen = torch.Generator().manual_seed(0)
+    inputs: dict[str, Any] = {}
+    if name == "input_ids" and config is not None and getattr(config, "vocab_size", None):
+        vocab = int(config.vocab_size)
+        inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[-1, -2:] = 0  # a padded row, so masks reach the layers as tensors (the usual training case)
+        inputs["attention_mask"] = mask.to(device)
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = torch.randint(
+                0, vocab, (batch, max(seq // 2, 1)), generator=gen
+            ).to(device)
+    elif name == "pixel_values" and config is not None and getattr(config, "image_size", None):
+        size = config.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        channels = getattr(config, "num_channels", 3)
+        inputs["pixel_values"] = torch.randn(batch, channels, *size, generator=gen).to(device, float_dtype)
+    else:
+        raise CaptureError(
+            f"cannot build example inputs for {type(model).__name__} (main input {name!r}); pass "
+            "example_inputs={...} with a small batch of real inputs"
+        )
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        params = {}
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def prime(
+    model: nn.Module, layers: list[nn.Module], example_inputs: Any = None
+) -> list[tuple[tuple, Traced]]:
+    """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced)."""
+    inputs = default_example_inputs(model) if example_inputs is None else example_inputs
+    with torch.random.fork_rng(devices=[]):
+        calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
+    out = []
+    for index, layer in enumerate(layers):
+        if id(layer) not in calls:
+            raise CaptureError(
+                f"layer {index} ({type(layer).__name__}) was not called by the example forward; pass "
+                "example_inputs that run the whole model"
+            )
+        args, kwargs = calls[id(layer)]
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = guard_key(layer, leaves, spec)
+        state: LayerState | None = layer_state(layer)
+        traced = state.find_traced(layer, key, leaves) if state is not None else None
+        if traced is None:
+            orig = state.orig_class if state is not None else type(layer)
+            capture = trace_layer(layer, orig.forward, args, kwargs)
+            traced = Traced(capture, find_sites(layer, capture.graph))
+        out.append((key, traced))
+    return out
+
+
+def plan_for(state: ModelState, index: int) -> tuple[PlanItem, ...]:
+    items = []
+    for name in state.active:
+        record = state.adapters[name]
+        for kind in record.placements.get(index, ()):
+            items.append(PlanItem(name, kind, f"{CONTAINER}.{name}.{site_key(kind)}", record.config))
+    return tuple(items)
