@@ -5,6 +5,8 @@
 code into the layers, in place. The model keeps its class, its Hugging Face API and its state_dict keys.
 """
 
+__version__ = "0.1.0"
+
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .api import (
     activate,
@@ -27,9 +29,8 @@ from .errors import (
     NotMergeableError,
     SiteNotFoundError,
 )
+from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterNotFoundError",
@@ -49,6 +50,8 @@ __all__ = [
     "explain",
     "inject",
     "list_adapters",
+    "load_adapter",
     "remove",
+    "save_adapter",
     "train_adapter",
 ]

@@ -144,6 +144,39 @@ def record_layer_calls(
 # Guard keys
 
 
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], tuple]:
+    """Flatten a call into leaves and a structure key (plain nested tuples: hashable, also under torch.compile)."""
+    leaves: list[Any] = []
+
+    def walk(value: Any) -> Any:
+        if type(value) in (tuple, list):
+            return (type(value).__name__, tuple(walk(v) for v in value))
+        if type(value) is dict:
+            keys = tuple(value)
+            return ("dict", keys, tuple(walk(value[k]) for k in keys))
+        leaves.append(value)
+        return None
+
+    structure = (walk(tuple(args)), walk(dict(kwargs)))
+    return leaves, structure
+
+
+def unflatten_call(leaves: list[Any], structure: tuple) -> tuple[tuple, dict]:
+    """Inverse of :func:`flatten_call`."""
+    it = iter(leaves)
+
+    def build(node: Any) -> Any:
+        if node is None:
+            return next(it)
+        if node[0] == "dict":
+            return {k: build(v) for k, v in zip(node[1], node[2])}
+        items = [build(v) for v in node[1]]
+        return tuple(items) if node[0] == "tuple" else items
+
+    args, kwargs = build(structure[0]), build(structure[1])
+    return tuple(args), kwargs
+
+
 def _leaf_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return ("T", value.dtype, value.dim(), value.device)
@@ -153,13 +186,15 @@ def _leaf_meta(value: Any) -> Any:
 
 
 def _hook_state(layer: nn.Module) -> int:
+    # The layer's own hooks run in its __call__, outside the generated code; only submodules' hooks are traced.
     n = 0
     for m in layer.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        if m is not layer:
+            n += len(m._forward_hooks) + len(m._forward_pre_hooks)
     return n
 
 
-def guard_key(layer: nn.Module, leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
+def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple) -> tuple:
     """Everything a capture was specialised to: call structure, leaf dtypes/ranks/devices/constants, mode."""
     return (
         spec,
@@ -515,7 +550,7 @@ class Capture:
     """One traced specialisation of a layer: its graph plus how to call it."""
 
     graph: fx.Graph
-    in_spec: pytree.TreeSpec
+    in_spec: tuple  # structure from flatten_call
     dynamic: tuple[int, ...]  # which flattened call leaves are graph inputs (the rest are baked constants)
     out_spec: pytree.TreeSpec
     out_slots: tuple[int | None, ...]  # per output leaf: index into the graph's outputs, or None = constant
@@ -563,9 +598,18 @@ def _input_names(orig_forward: Callable[..., Any], args: tuple, kwargs: dict) ->
 
 
 def _shadow_copy(value: Any) -> Any:
+    """An independent copy to trace or verify on (caches are mutated by the layer; tensors may carry grad)."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
-    return copy.deepcopy(value)
+    if isinstance(value, _CONSTANT_TYPES):
+        return value
+    # Deep-copy opaque objects (caches); tensors inside may be non-leaf, which Tensor.__deepcopy__ refuses.
+    orig = torch.Tensor.__deepcopy__
+    torch.Tensor.__deepcopy__ = lambda self, memo: self.detach().clone()  # type: ignore[method-assign]
+    try:
+        return copy.deepcopy(value)
+    finally:
+        torch.Tensor.__deepcopy__ = orig  # type: ignore[method-assign]
 
 
 def trace_layer(
@@ -581,7 +625,7 @@ def trace_layer(
 
     Raises :class:`CaptureError` when the layer cannot be captured (even with leaves) or verification fails.
     """
-    leaves, in_spec = pytree.tree_flatten((args, kwargs))
+    leaves, in_spec = flatten_call(args, kwargs)
     dynamic = tuple(i for i, v in enumerate(leaves) if _is_dynamic(v))
     names = _input_names(orig_forward, args, kwargs)
     forced: set[str] = set()
@@ -597,7 +641,7 @@ def trace_layer(
             flat = list(leaves)
             for i, p in zip(dynamic, inputs):
                 flat[i] = p
-            a, kw = pytree.tree_unflatten(flat, in_spec)
+            a, kw = unflatten_call(flat, in_spec)
             out = orig_forward(root, *a, **kw)
             out_leaves, out_spec = pytree.tree_flatten(out)
             _out["spec"] = out_spec
@@ -691,7 +735,9 @@ def _verify(layer, orig_forward, capture: Capture, leaves, args, kwargs) -> None
     seed = 1234
     with torch.no_grad(), _preserved_rng(args):
         torch.manual_seed(seed)
-        expected = orig_forward(layer, *_shadow_copy(args), **_shadow_copy(kwargs))
+        call_leaves, structure = flatten_call(args, kwargs)
+        eager_args, eager_kwargs = unflatten_call([_shadow_copy(v) for v in call_leaves], structure)
+        expected = orig_forward(layer, *eager_args, **eager_kwargs)
         torch.manual_seed(seed)
         flat = [_shadow_copy(v) if i in capture.dynamic else v for i, v in enumerate(leaves)]
         got = run(layer, flat)

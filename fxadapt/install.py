@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from .capture import Capture, guard_key, trace_layer
+from .capture import Capture, flatten_call, guard_key, trace_layer
 from .rewrite import PlanItem, build_runner
 from .sites import SiteReport, find_sites
 
@@ -113,7 +112,7 @@ def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: LayerState = self.__dict__[_STATE]
     if not state.plan:
         return state.orig_class.forward(self, *args, **kwargs)
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    leaves, spec = flatten_call(args, kwargs)
     key = guard_key(self, leaves, spec)
     runner = state.runner_for(self, key, leaves)
     if runner is None:

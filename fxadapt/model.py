@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from .capture import find_layer_lists, guard_key, record_layer_calls, trace_layer
+from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer
 from .errors import AdapterNotFoundError, CaptureError, nearest
 from .install import LayerState, Traced, layer_state
 from .methods.base import AdapterConfig
@@ -138,7 +137,7 @@ def prime(
                 "example_inputs that run the whole model"
             )
         args, kwargs = calls[id(layer)]
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = flatten_call(args, kwargs)
         key = guard_key(layer, leaves, spec)
         state: LayerState | None = layer_state(layer)
         traced = state.find_traced(layer, key, leaves) if state is not None else None

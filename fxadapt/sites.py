@@ -297,9 +297,14 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
             kind = f"{kind}.{count}"
         norm = None
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and is_norm(_module_of(root, users[0])):
-            if users[0].args and users[0].args[0] is node:
-                norm = users[0].name
+        if (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and is_norm(_module_of(root, users[0]))
+            and users[0].args
+            and users[0].args[0] is node
+        ):
+            norm = users[0].name
         report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer))
 
     report.modules = _module_sites(root, graph, scopes, report.residual)

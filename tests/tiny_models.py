@@ -19,12 +19,12 @@ SPECS: dict[str, tuple[str, dict, str, str]] = {
     "electra": ("ElectraConfig", dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, **_COMMON), "ElectraModel", "encoder"),
     "deberta-v2": ("DebertaV2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, relative_attention=True, position_buckets=16, max_relative_positions=32, pos_att_type=["p2c", "c2p"], **_COMMON), "DebertaV2Model", "encoder"),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, **_COMMON), "GPT2LMHeadModel", "decoder"),
-    "llama": ("LlamaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "LlamaForCausalLM", "decoder"),
-    "mistral": ("MistralConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "MistralForCausalLM", "decoder"),
-    "qwen2": ("Qwen2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "Qwen2ForCausalLM", "decoder"),
+    "llama": ("LlamaConfig", dict(attention_dropout=0.1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "LlamaForCausalLM", "decoder"),
+    "mistral": ("MistralConfig", dict(attention_dropout=0.1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "MistralForCausalLM", "decoder"),
+    "qwen2": ("Qwen2Config", dict(attention_dropout=0.1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **_COMMON), "Qwen2ForCausalLM", "decoder"),
     "t5": ("T5Config", dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, **_COMMON), "T5ForConditionalGeneration", "seq2seq"),
     "bart": ("BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, **_COMMON), "BartForConditionalGeneration", "seq2seq"),
-    "vit": ("ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4, num_channels=3), "ViTModel", "vision"),
+    "vit": ("ViTConfig", dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4, num_channels=3), "ViTModel", "vision"),
 }
 
 ARCHS = list(SPECS)

@@ -1,0 +1,108 @@
+"""Helpers for the kernel tests: the tolerance table, the device, input factories and the fp64 comparison.
+
+Every check runs the op under test on inputs of the tested dtype and the plain-PyTorch reference on fp64 copies
+of *the same* (already rounded) inputs, then compares the output and every requested gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+
+import fxadapt.kernels as K
+
+#: (rtol, atol) per dtype against the fp64 reference — the one tolerance table of the kernel tier (DESIGN §6).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 2e-2),
+}
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: The interpreter runs on CPU tensors; without it the kernels need CUDA tensors.
+DEVICE = torch.device("cuda" if not INTERPRET and torch.cuda.is_available() else "cpu")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_runnable() -> tuple[bool, str]:
+    with K.force_triton():
+        return K.can_use_triton(torch.empty(0, device=DEVICE))
+
+
+class Maker:
+    """Seeded tensor factory. ``transposed=True`` builds a 2-D (or banked 3-D) tensor as a transposed *view* of a
+    contiguous one, i.e. the layout of ``linear.weight.t()``; it is still a leaf that can require grad."""
+
+    def __init__(self, seed: int, dtype: torch.dtype):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+
+    def __call__(self, *shape: int, std: float = 1.0, transposed: bool = False, grad: bool = True) -> torch.Tensor:
+        if transposed:
+            storage = torch.randn((*shape[:-2], shape[-1], shape[-2]), generator=self.gen) * std
+            t = storage.to(DEVICE, self.dtype).transpose(-1, -2)
+            assert not t.is_contiguous() or min(shape[-2:]) == 1
+        else:
+            t = (torch.randn(shape, generator=self.gen) * std).to(DEVICE, self.dtype)
+        return t.requires_grad_(grad)
+
+    def ids(self, n: int, adapters: int) -> torch.Tensor:
+        """Adapter ids in [−1, adapters): −1 (no adapter) included."""
+        return torch.randint(-1, adapters, (n,), generator=self.gen).to(DEVICE)
+
+
+def to64(v):
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.detach().double().requires_grad_(v.requires_grad)
+    return v
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    rtol, atol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what} ({dtype}): {m}"
+    )
+
+
+def check_against_fp64(
+    fn: Callable[..., torch.Tensor],
+    ref: Callable[..., torch.Tensor],
+    args: dict,
+    dtype: torch.dtype,
+    *,
+    seed: int = 0,
+) -> None:
+    """``fn(**args)`` vs ``ref(**fp64 args)``: output, then the gradient of every tensor arg requiring grad.
+
+    The upstream gradient is drawn once, rounded to ``dtype`` and given to both sides. It is N(0, 1/rows), the
+    scale of a mean-reduced loss's gradient: with O(1) upstream gradients the weight-gradient sums over ~1k rows
+    carry fp32 rounding (of *any* fp32 implementation — eager PyTorch measured the same) above the fp32 atol of
+    1e-5 on elements that cancel; at this scale every fp32 gradient has a 10⁻⁵-relative check with headroom.
+    """
+    args64 = {k: to64(v) for k, v in args.items()}
+    y = fn(**args)
+    y64 = ref(**args64)
+    assert y.dtype == dtype, f"output dtype {y.dtype}, expected {dtype}"
+    assert_close(y, y64, dtype, "output")
+    wrt = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if not wrt:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    rows = max(y64.numel() // max(y64.shape[-1], 1), 1)
+    dy = (torch.randn(y64.shape, generator=gen) / rows**0.5).to(DEVICE, dtype)
+    grads = torch.autograd.grad(y, [args[k] for k in wrt], dy)
+    grads64 = torch.autograd.grad(y64, [args64[k] for k in wrt], dy.double())
+    for k, g, g64 in zip(wrt, grads, grads64):
+        assert g is not None, f"no gradient for {k}"
+        assert g.dtype == args[k].dtype, f"d{k} dtype {g.dtype}, expected {args[k].dtype}"
+        assert_close(g, g64, dtype, f"d{k}")
+
+
+def cycle(values: Iterable, i: int):
+    """The i-th value of ``values``, cycling: spreads secondary options across a parametrized case list."""
+    values = tuple(values)
+    return values[i % len(values)]
