@@ -205,7 +205,7 @@ def _check_setup(state: ModelState) -> None:
                 if other != name:
                     raise CompositionError(
                         f"adapters {other!r} and {name!r} are both active at site {kind!r} of layer {index}; "
-                        "activate one of them (composition blocks such as Stack come with fxadapt.compose)"
+                        "activate one of them (inject several adapters for one site with activate=False)"
                     )
 
 

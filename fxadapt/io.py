@@ -16,6 +16,7 @@ Never pickle. Loading is atomic: a checkpoint that does not fit leaves the model
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .api import adapter_parameters, head_parameters, inject, remove
+from .api import activate as fxadapt_activate
+from .api import active_adapters, adapter_parameters, head_parameters, inject, remove
 from .errors import CheckpointError, ConfigError, FxAdaptError
 from .methods.base import config_from_dict
 from .model import CONTAINER, get_state, layers_of
 
 __all__ = ["load_adapter", "save_adapter"]
+
+logger = logging.getLogger("fxadapt")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -172,10 +176,23 @@ def load_adapter(
     tensors = _read_weights(folder / WEIGHTS_NAME)
     head_tensors = None
     if load_head and (folder / HEAD_WEIGHTS_NAME).exists():
-        head_tensors = _read_weights(folder / HEAD_WEIGHTS_NAME)
-        _check_head(model, head_tensors)
+        if head_parameters(model):
+            head_tensors = _read_weights(folder / HEAD_WEIGHTS_NAME)
+            _check_head(model, head_tensors)
+        else:
+            logger.warning(
+                "%s has no prediction head; loading adapter %r without the head saved beside it",
+                type(model).__name__,
+                adapter_name,
+            )
 
+    previous_active = active_adapters(model)
     inject(model, {adapter_name: config}, example_inputs=example_inputs, activate=activate)
+
+    def undo() -> None:
+        remove(model, adapter_name)
+        fxadapt_activate(model, previous_active)
+
     try:
         state = get_state(model)
         assert state is not None
@@ -206,10 +223,10 @@ def load_adapter(
                 for key, value in head_tensors.items():
                     head[key].copy_(value)
     except FxAdaptError:
-        remove(model, adapter_name)
+        undo()
         raise
     except Exception as exc:
-        remove(model, adapter_name)
+        undo()
         raise CheckpointError(f"loading adapter {adapter_name!r} failed: {exc}") from exc
     return adapter_name
 

@@ -40,7 +40,9 @@ class Maker:
         self.gen = torch.Generator().manual_seed(seed)
         self.dtype = dtype
 
-    def __call__(self, *shape: int, std: float = 1.0, transposed: bool = False, grad: bool = True) -> torch.Tensor:
+    def __call__(
+        self, *shape: int, std: float = 1.0, transposed: bool = False, grad: bool = True
+    ) -> torch.Tensor:
         if transposed:
             storage = torch.randn((*shape[:-2], shape[-1], shape[-2]), generator=self.gen) * std
             t = storage.to(DEVICE, self.dtype).transpose(-1, -2)

@@ -117,7 +117,9 @@ def test_random_shapes(n, d, r, dtype, act, bias, scale_kind, transposed, residu
 )
 def test_partial_gradients(trainable):
     """Only some inputs require grad: the op skips the rest (need_dx / need_dw / need_dscale flags)."""
-    args = make_args(129, 200, 24, torch.float32, act="silu", scale_kind="channel", residual=True, grads=False)
+    args = make_args(
+        129, 200, 24, torch.float32, act="silu", scale_kind="channel", residual=True, grads=False
+    )
     for k in trainable:
         args[k].requires_grad_(True)
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, torch.float32)
@@ -131,7 +133,9 @@ def test_half_precision_dot_path(monkeypatch, act):
         import fxadapt.kernels._triton_common as tc
 
         monkeypatch.setattr(tc, "HALF_DOT_IN_INTERPRETER", True)
-    args = make_args(1151, 768, 64, torch.float16, act=act, scale_kind="scalar", residual=act == "relu", seed=5)
+    args = make_args(
+        1151, 768, 64, torch.float16, act=act, scale_kind="scalar", residual=act == "relu", seed=5
+    )
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, torch.float16)
 
 

@@ -70,7 +70,9 @@ def _cases() -> list:
             "base_grad": cycle((False, True, False), i),
         }
         dtype = cycle((torch.float32, torch.bfloat16, torch.float32, torch.float16), i)
-        cases.append(pytest.param(n, d_in, d_out, r, dtype, opts, id=f"shape-{n}x{d_in}x{d_out}x{r}-{str(dtype)[6:]}"))
+        cases.append(
+            pytest.param(n, d_in, d_out, r, dtype, opts, id=f"shape-{n}x{d_in}x{d_out}x{r}-{str(dtype)[6:]}")
+        )
     return cases
 
 
