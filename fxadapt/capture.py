@@ -283,8 +283,9 @@ class ShadowAttribute(ShadowProxy, fx.proxy.Attribute):
 class _LeafFunction:
     """Wraps an attention function so that a call with proxies becomes one ``call_function`` node."""
 
-    def __init__(self, fn: Callable[..., Any]):
+    def __init__(self, fn: Callable[..., Any], attention: bool = True):
         self.fn = fn
+        self.attention = attention
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -292,7 +293,8 @@ class _LeafFunction:
         if proxy is None:
             return self.fn(*args, **kwargs)
         out = proxy.tracer.create_proxy("call_function", self.fn, args, kwargs)
-        out.node.meta["fxadapt_attention"] = True
+        if self.attention:
+            out.node.meta["fxadapt_attention"] = True
         return out
 
 
@@ -324,10 +326,17 @@ def _wrap_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _TracePatches:
-    """While tracing: HF attention functions are leaf calls, and torch factories accept proxy arguments."""
+    """While tracing: HF attention functions and TorchScript functions are leaf calls, and torch factories accept
+    proxy arguments."""
+
+    def __init__(self, script_functions: list[tuple[Any, str, Any]] = ()):  # type: ignore[assignment]
+        self.script_functions = script_functions
 
     def __enter__(self) -> _TracePatches:
         self._saved: list[tuple[Any, str, Any]] = []
+        for module, name, fn in self.script_functions:
+            self._saved.append((module, name, fn))
+            setattr(module, name, _LeafFunction(_python_caller(fn), attention=False))
         for name in _WRAPPED_TORCH_FUNCTIONS:
             orig = getattr(torch, name)
             self._saved.append((torch, name, orig))
@@ -376,6 +385,30 @@ def is_attention_function(node: fx.Node) -> bool:
 
 # --------------------------------------------------------------------------------------------------------------
 # The tracer
+
+
+def _script_functions(layer: nn.Module) -> list[tuple[Any, str, Any]]:
+    """(module, name, fn) of TorchScript functions in the modelling modules of ``layer``. Called with a proxy,
+    one would crash in C++; while tracing they are leaf calls (DeBERTa's ``scaled_size_sqrt`` in transformers 4.x)."""
+    import sys
+
+    found = []
+    for module_name in sorted({type(m).__module__ for m in layer.modules()}):
+        module = sys.modules.get(module_name)
+        for name, value in list(getattr(module, "__dict__", {}).items()):
+            if isinstance(value, torch.jit.ScriptFunction):
+                found.append((module, name, value))
+    return found
+
+
+def _python_caller(fn: Any) -> Callable[..., Any]:
+    """A plain Python function calling ``fn``: a graph target fx can name, generate code for and copy."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = str(getattr(fn, "name", "script_function"))
+    return call
 
 
 class _LayerTracer(fx.Tracer):
@@ -534,6 +567,17 @@ def _guard_function(graph: fx.Graph, node: fx.Node) -> Callable[..., Any]:
     return compile_graph(sub)
 
 
+def _value_kind(value: Any) -> str:
+    """'tensor', 'size' (ints, shapes: no data flow) or 'object' (tuples of tensors, caches, ...)."""
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, (bool, int, float, torch.Size)) or (
+        isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return "size"
+    return "object"
+
+
 def _fetch_attr(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for atom in target.split("."):
@@ -632,6 +676,7 @@ def trace_layer(
     reasons: dict[str, str] = {}
     last_error: CaptureFailure | None = None
 
+    script_functions = _script_functions(layer)
     for _ in range(max_retries + 1):
         tracer = _LayerTracer(forced)
         tracer._inputs = [(names[i], _shadow_copy(leaves[i])) for i in dynamic]
@@ -650,7 +695,7 @@ def trace_layer(
 
         tracer._fn = fn
         try:
-            with _TracePatches(), torch.no_grad(), _preserved_rng(args):
+            with _TracePatches(script_functions), torch.no_grad(), _preserved_rng(args):
                 graph = tracer.trace(layer)
         except CaptureFailure as failure:
             last_error = failure
@@ -674,6 +719,7 @@ def trace_layer(
         guards = tuple((_guard_function(graph, node), flag) for node, flag in tracer.value_guards)
         for node in graph.nodes:  # shadows are only needed while tracing; don't keep real tensors alive
             shadow = node.meta.pop(SHADOW, None)
+            node.meta["fxadapt_kind"] = _value_kind(shadow)
             if isinstance(shadow, torch.Tensor):
                 node.meta["fxadapt_meta"] = (shadow.dtype, tuple(shadow.shape))
         graph.lint()

@@ -67,6 +67,8 @@ _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout}
 _CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "contiguous", "type_as"}
 _SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
+# fused attention ops called directly by some modelling code (BERT's SDPA path in transformers 4.x)
+_ATTENTION_OPS = {torch.nn.functional.scaled_dot_product_attention}
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def _is_attention_leaf(root: nn.Module, node: fx.Node) -> bool:
 
 
 def _is_softmax(root: nn.Module, node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+    if node.op == "call_function" and (node.target in _SOFTMAX_FUNCTIONS or node.target in _ATTENTION_OPS):
         return True
     if node.op == "call_method" and node.target == "softmax":
         return True
@@ -155,14 +157,16 @@ def _stack_paths(node: fx.Node) -> list[str]:
     return [path for path, _ in stack.values()]
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _ancestors(node: fx.Node, tensors_only: bool = False) -> set[fx.Node]:
+    """Nodes ``node`` depends on; with ``tensors_only``, through tensor data flow only (not through sizes)."""
+    inputs = _tensor_inputs if tensors_only else (lambda n: n.all_input_nodes)
     seen: set[fx.Node] = set()
-    todo = list(node.all_input_nodes)
+    todo = list(inputs(node))
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
-            todo.extend(n.all_input_nodes)
+            todo.extend(inputs(n))
     return seen
 
 
@@ -187,7 +191,7 @@ def _through_transparent(root: nn.Module, node: fx.Node) -> fx.Node:
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """Inputs that carry tensors (sizes and shapes are not data flow for site classification)."""
-    return [n for n in node.all_input_nodes if "fxadapt_meta" in n.meta or n.op == "placeholder"]
+    return [n for n in node.all_input_nodes if n.meta.get("fxadapt_kind") != "size"]
 
 
 def _tensor_shape(node: object) -> tuple | None:
@@ -215,10 +219,32 @@ def _attention_scopes(root: nn.Module, graph: fx.Graph, primary: fx.Node | None)
         if any(s.path == path for s in scopes):
             continue
         if is_attention_function(node) and len(node.args) > 2 and isinstance(node.args[2], fx.Node):
-            keys_from = node.args[2]
+            keys_from = node.args[2]  # HF attention functions: (module, query, key, value, ...)
+        elif node.op == "call_function" and node.target in _ATTENTION_OPS and len(node.args) > 1:
+            keys_from = node.args[1]  # sdpa(query, key, value, ...)
         else:
             keys_from = node
-        cross = primary is not None and primary not in _ancestors(keys_from) and keys_from is not primary
+        cross = (
+            primary is not None
+            and keys_from is not primary
+            and primary not in _ancestors(keys_from, tensors_only=True)
+        )
+        if not cross and primary is not None and keys_from is node:
+            # softmax-only evidence (hand-written attention): cross if a projection in the scope reads other states
+            for n in graph.nodes:
+                if (
+                    n.op == "call_module"
+                    and is_linear_like(_module_of(root, n))
+                    and _scope_of(str(n.target), [_Scope(path, False)])
+                ):
+                    source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+                    if (
+                        source is not None
+                        and source is not primary
+                        and primary not in _ancestors(source, True)
+                    ):
+                        cross = True
+                        break
         scopes.append(_Scope(path, cross))
     return scopes
 
@@ -316,7 +342,11 @@ def _module_sites(
 ) -> list[ModuleSite]:
     nodes = {n.name: n for n in graph.nodes}
     linear_calls = [n for n in graph.nodes if n.op == "call_module" and is_linear_like(_module_of(root, n))]
-    attention_calls = [n for n in graph.nodes if is_attention_function(n)]
+    attention_calls = [
+        n
+        for n in graph.nodes
+        if is_attention_function(n) or (n.op == "call_function" and n.target in _ATTENTION_OPS)
+    ]
     sites: list[ModuleSite] = []
     assigned: set[str] = set()
 
@@ -342,7 +372,8 @@ def _module_sites(
     for call in attention_calls:
         scope = _scope_of(_stack_paths(call)[-1] if _stack_paths(call) else "", scopes)
         prefix = "cross" if scope is not None and scope.cross else "attn"
-        qkv = [a if isinstance(a, fx.Node) else None for a in call.args[1:4]]
+        first = 1 if is_attention_function(call) else 0  # HF functions take the module first
+        qkv = [a if isinstance(a, fx.Node) else None for a in call.args[first : first + 3]]
         producers = [nearest_linears(a) if a is not None else [] for a in qkv]
         flat = [p[0] if len(p) == 1 else None for p in producers]
         if flat[0] is not None and flat[0] is flat[1] is flat[2]:

@@ -229,7 +229,6 @@ def test_activate_switches_and_deactivates():
 
 def test_train_adapter_freezes_base_and_keeps_head():
     import transformers as tf
-
     from tiny_models import make_config
 
     torch.manual_seed(0)

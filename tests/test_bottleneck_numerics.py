@@ -72,7 +72,7 @@ def test_bottleneck_presets_match_handwritten_bert(preset):
         for p in fxadapt.adapter_parameters(model, "a").values():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # non-zero everywhere, incl. learned scaling
 
-    paths, layers = layers_of(model)
+    _paths, layers = layers_of(model)
     with torch.no_grad():
         got = model(**inputs).last_hidden_state
         hidden = model.embeddings(input_ids=inputs["input_ids"])

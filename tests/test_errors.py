@@ -105,7 +105,9 @@ def test_unknown_adapter(adapted, verb, tmp_path):
         "train_adapter": lambda: fxadapt.train_adapter(adapted, "b"),
         "save": lambda: fxadapt.save_adapter(adapted, tmp_path, "b"),
     }[verb]
-    with pytest.raises(fxadapt.AdapterNotFoundError, match=r"no adapter named 'b'.*known adapters: \['a'\]") as exc:
+    with pytest.raises(
+        fxadapt.AdapterNotFoundError, match=r"no adapter named 'b'.*known adapters: \['a'\]"
+    ) as exc:
         call()
     assert isinstance(exc.value, KeyError)
     snap.assert_unchanged()
@@ -113,7 +115,9 @@ def test_unknown_adapter(adapted, verb, tmp_path):
 
 def test_missing_site(adapted):
     snap = Snapshot(adapted)
-    with pytest.raises(fxadapt.SiteNotFoundError, match=r"\['cross.out'\] not found in BertModel; it has") as exc:
+    with pytest.raises(
+        fxadapt.SiteNotFoundError, match=r"\['cross.out'\] not found in BertModel; it has"
+    ) as exc:
         fxadapt.inject(adapted, {"b": fxadapt.BottleneckConfig(sites=("cross.out",))})
     assert isinstance(exc.value, LookupError)
     assert "attn.out" in str(exc.value) and "ffn.out" in str(exc.value)
@@ -194,7 +198,10 @@ def test_load_weights_of_wrong_shape(saved, adapted, tmp_path):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda m: m["config"].update(reduction_facter=4), r"unknown key\(s\) \['reduction_facter'\].*did you mean"),
+        (
+            lambda m: m["config"].update(reduction_facter=4),
+            r"unknown key\(s\) \['reduction_facter'\].*did you mean",
+        ),
         (lambda m: m["config"].update(reduction_factor="sixteen"), r"reduction_factor='sixteen'"),
         (lambda m: m["config"].update(ln_before="no"), r"ln_before='no'"),
         (lambda m: m.update(extra=1), r"unknown keys \['extra'\]"),

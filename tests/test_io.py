@@ -59,7 +59,7 @@ def test_head_saved_and_loaded_and_portable_to_base_model(tmp_path):
         assert torch.equal(other(**inputs).logits, expected_logits)
 
     encoder = tf.BertModel(make_config("bert")).eval()
-    encoder.load_state_dict({k[len("bert."):]: v for k, v in base_weights.items() if k.startswith("bert.")})
+    encoder.load_state_dict({k[len("bert.") :]: v for k, v in base_weights.items() if k.startswith("bert.")})
     fxadapt.load_adapter(encoder, tmp_path / "sst")  # no head in a BertModel: the adapter alone loads
     with torch.no_grad():
         assert torch.equal(encoder(**inputs).last_hidden_state, expected_hidden)

@@ -15,10 +15,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from kernel_helpers import triton_runnable  # noqa: E402
-
-import fxadapt.kernels as K  # noqa: E402
+import fxadapt.kernels as K
+import pytest
+from kernel_helpers import triton_runnable
 
 
 @pytest.fixture(autouse=True)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import fxadapt.kernels as K
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from kernel_helpers import DEVICE, DTYPES, INTERPRET, Maker, assert_close, check_against_fp64, cycle
-
-import fxadapt.kernels as K
 from fxadapt.kernels import reference as R
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_helpers import (
+    DEVICE,
+    DTYPES,
+    INTERPRET,
+    Maker,
+    assert_close,
+    check_against_fp64,
+    cycle,
+    kernel_settings,
+)
 
 ACTS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "identity", "linear", "tanh")
 SCALE_KINDS = ("float", "scalar", "scalar1", "channel")
@@ -92,7 +100,7 @@ def test_leading_dims_are_flattened():
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, torch.float32)
 
 
-@settings(derandomize=True, max_examples=30, deadline=None, database=None)
+@kernel_settings(30)
 @given(
     n=st.integers(1, 1200),
     d=st.integers(1, 800),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import fxadapt.kernels as K
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from kernel_helpers import DEVICE, DTYPES, INTERPRET, Maker, check_against_fp64, cycle
-
-import fxadapt.kernels as K
 from fxadapt.kernels import reference as R
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_helpers import DEVICE, DTYPES, INTERPRET, Maker, check_against_fp64, cycle, kernel_settings
 
 SCALE_KINDS = ("float", "scalar", "scalar1")
 
@@ -87,7 +86,7 @@ def test_leading_dims_are_flattened():
     check_against_fp64(K.lora_linear, R.lora_ref, args, torch.float32)
 
 
-@settings(derandomize=True, max_examples=25, deadline=None, database=None)
+@kernel_settings(20)
 @given(
     n=st.integers(1, 1200),
     d_in=st.integers(1, 800),
