@@ -229,24 +229,36 @@ def _attention_scopes(root: nn.Module, graph: fx.Graph, primary: fx.Node | None)
             and keys_from is not primary
             and primary not in _ancestors(keys_from, tensors_only=True)
         )
-        if not cross and primary is not None and keys_from is node:
-            # softmax-only evidence (hand-written attention): cross if a projection in the scope reads other states
-            for n in graph.nodes:
-                if (
-                    n.op == "call_module"
-                    and is_linear_like(_module_of(root, n))
-                    and _scope_of(str(n.target), [_Scope(path, False)])
-                ):
-                    source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-                    if (
-                        source is not None
-                        and source is not primary
-                        and primary not in _ancestors(source, True)
-                    ):
-                        cross = True
-                        break
+        if not cross and primary is not None and keys_from is node and node.all_input_nodes:
+            # hand-written attention (softmax(q @ kᵀ)): cross if every score matmul reads keys from other states
+            matmuls = _nearest_matmuls(node.all_input_nodes[0])
+            cross = bool(matmuls) and all(
+                primary not in _ancestors(mm.args[1], tensors_only=True)
+                for mm in matmuls
+                if isinstance(mm.args[1], fx.Node)
+            )
         scopes.append(_Scope(path, cross))
     return scopes
+
+
+_MATMULS = {torch.matmul, torch.bmm, operator.matmul}
+
+
+def _nearest_matmuls(start: fx.Node) -> list[fx.Node]:
+    """Matmul nodes reached walking back from ``start`` along tensor inputs, stopping at the first on each path."""
+    found, todo, seen = [], [start], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if (n.op == "call_function" and n.target in _MATMULS) or (
+            n.op == "call_method" and n.target in ("matmul", "bmm")
+        ):
+            found.append(n)
+            continue
+        todo.extend(_tensor_inputs(n))
+    return found
 
 
 def _scope_of(path: str, scopes: Iterable[_Scope]) -> _Scope | None:
