@@ -312,8 +312,10 @@ def check_ids(ids: torch.Tensor, num_adapters: int) -> None:
 
 
 def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Custom ops cannot return None: a gradient that was not requested comes back as an empty tensor."""
-    return like.new_empty((0,)) if t is None else t
+    """Custom ops cannot return None: a gradient that was not requested comes back as an empty tensor. Others
+    are made contiguous, the layout the fake implementations promise (a gradient computed as a transposed
+    product, or zeros_like of a transposed weight, would otherwise keep that layout)."""
+    return like.new_empty((0,)) if t is None else t.contiguous()
 
 
 def none_if_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:

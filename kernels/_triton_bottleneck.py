@@ -26,6 +26,7 @@ from ._triton_common import (
     block_rows,
     dot_f32,
     mm,
+    mm_split,
     num_groups,
     num_row_blocks,
     row_sched_args,
@@ -205,7 +206,7 @@ def _bn_bwd_dh(
             mask=dmask[:, None] & rmask_r[None, :],
             other=0.0,
         )
-        acc += mm(dyt, wt, ELEM, DOT_F32)
+        acc += mm_split(dyt, wt, ELEM, DOT_F32)
     m2 = rmask[:, None] & rmask_r[None, :]
     h = tl.load(h_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0)
     dh = tl.where(active, acc * act_bwd(h, ACT), 0.0)  # passthrough rows: no adapter, no dh
@@ -256,9 +257,9 @@ def _bn_bwd_col(
             tl.store(dx_ptr + rows[:, None] * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m_rd)
         if NEED_DW:
             xt = tl.load(x_ptr + rows[:, None] * s_xm + dd[None, :] * s_xd, mask=m_rd, other=0.0)
-            acc_wd += mm(tl.trans(dh), xt, ELEM, DOT_F32)
+            acc_wd += mm_split(tl.trans(dh), xt, ELEM, DOT_F32)
             g = act_fwd(tl.load(h_ptr + rows[:, None] * R + rr[None, :], mask=m_rr, other=0.0), ACT)
-            acc_p += mm(tl.trans(g), dyt, ELEM, DOT_F32)
+            acc_p += mm_split(tl.trans(g), dyt, ELEM, DOT_F32)
             acc_q += tl.sum(dyt.to(tl.float32), axis=0)
             acc_bd += tl.sum(dh, axis=0)
     if NEED_DW:
@@ -273,31 +274,37 @@ def _bn_bwd_col(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers.
-def row_tiles(n: int, d: int, r: int) -> dict[str, int]:
-    """Tiles for the row-parallel kernels. The interpreter's cost is per program and per loop step, so it gets
-    the largest tiles; on a GPU, register pressure of the [BM, BR] accumulator sets BM and the warps."""
+def row_tiles(n: int, d: int, r: int, groups: int = 1) -> dict[str, int]:
+    """Tiles for the row-parallel kernels; ``groups`` > 1 when rows are split among adapters.
+
+    BM follows the rows per group (a block never spans two adapters, so with many adapters and few rows each a
+    tall block would be mostly masked). The interpreter's cost is per program, per loop step and per element
+    converted, so it gets large tiles — capped at 512 columns so that d = 768 still runs two loop steps in the
+    tests. On a GPU the [BM, BR] fp32 accumulator's registers set BM and the warps.
+    """
     br = pow2_tile(r, 16, 256)
+    m = cdiv(n, groups)
     if INTERPRETED:
-        return {"BM": pow2_tile(n, 16, 256), "BD": pow2_tile(d, 16, 512), "BR": br}
-    bm = pow2_tile(n, 16, 64 if br <= 64 else 32)
+        return {"BM": pow2_tile(m, 16, 256), "BD": pow2_tile(d, 16, 512), "BR": br}
+    bm = pow2_tile(m, 16, 64 if br <= 64 else 32)
     return {"BM": bm, "BD": 128 if br <= 64 else 64, "BR": br, "num_warps": 4 if br <= 64 else 8}
 
 
-def col_tiles(n_rows: int, d: int, r: int, groups: int, adapters: int) -> dict[str, int]:
+def col_tiles(n: int, d: int, r: int, groups: int, adapters: int) -> dict[str, int]:
     """Tiles and row split for the column-parallel backward kernel.
 
     SPLIT > 1 gives more programs when d/BD × groups alone cannot fill the GPU; its partials cost
-    SPLIT × A × (2·r·d + d + r) fp32, capped at 64 MiB. The interpreter uses SPLIT = 2 when there are at least
+    SPLIT × A × (2·r·d + d + r) fp32, capped at 64 MiB. The interpreter uses SPLIT = 2 when a group spans at least
     two row blocks, so that the CPU tests exercise the split-and-reduce path.
     """
     br = pow2_tile(r, 16, 256)
+    m = cdiv(n, groups)
     if INTERPRETED:
-        bm, bd = pow2_tile(n_rows, 16, 256), pow2_tile(d, 16, 512)
-        split = 2 if n_rows > bm else 1
-        return {"BM": bm, "BD": bd, "BR": br, "SPLIT": split}
-    bm, bd = 64, (64 if br <= 64 else 32)
+        bm, bd = pow2_tile(m, 16, 256), pow2_tile(d, 16, 512)
+        return {"BM": bm, "BD": bd, "BR": br, "SPLIT": 2 if m > bm else 1}
+    bm, bd = pow2_tile(m, 16, 64), (64 if br <= 64 else 32)
     programs = cdiv(d, bd) * groups
-    split = max(1, min(cdiv(264, programs), cdiv(n_rows, bm)))  # ≈ 2 waves on a 132-SM H100
+    split = max(1, min(cdiv(264, programs), cdiv(m, bm)))  # ≈ 2 waves on a 132-SM H100
     per_split = adapters * (2 * r * d + d + r) * 4
     split = max(1, min(split, (64 << 20) // max(per_split, 1)))
     return {"BM": bm, "BD": bd, "BR": br, "SPLIT": split, "num_warps": 4 if br <= 64 else 8}
@@ -334,7 +341,7 @@ def forward(
     h = torch.empty((n, r), dtype=torch.float32, device=x2.device)
     if n == 0:
         return y, h
-    t = row_tiles(n, d, r)
+    t = row_tiles(n, d, r, 1 if ids is None else adapters + 1)
     sched = schedule(ids, adapters, t["BM"])
     sc, s_sca, s_scd = _scale_bank(scale_t, adapters, d)
     res = x2 if r2 is None else r2
@@ -379,7 +386,7 @@ def backward(
     dev = x2.device
     need_sums = need_dw or need_dscale
     sc, s_sca, s_scd = _scale_bank(scale_t, adapters, d)
-    tr = row_tiles(n, d, r)
+    tr = row_tiles(n, d, r, 1 if ids is None else adapters + 1)
     sched = schedule(ids, adapters, tr["BM"])
     dh = torch.empty((n, r), dtype=torch.float32, device=dev)
     if n > 0:

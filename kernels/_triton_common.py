@@ -30,6 +30,25 @@ def mm(a, b, ELEM: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def mm_split(a, b, ELEM: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b where ``a`` is an fp32 intermediate (dh, act(h), dy⊙s, LoRA's t or dt) and ``b`` an input tile.
+
+    On the half-precision path ``a`` is split into hi = half(a) and lo = half(a − hi), two tensor-core dots: ~2× the
+    mantissa of one cast (fp16 22 bits, bf16 16 bits). The rounding of a single cast (2⁻¹¹ for fp16) is random per
+    row and adds up in the reductions over all N rows (weight gradients), exceeding the fp16 tolerance at N ≈ 1k;
+    the extra dot is cheap because these kernels are bandwidth-bound.
+    """
+    if DOT_F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        hi = a.to(ELEM)
+        lo = (a - hi.to(tl.float32)).to(ELEM)
+        bb = b.to(ELEM)
+        out = tl.dot(hi, bb) + tl.dot(lo, bb)
+    return out
+
+
+@triton.jit
 def block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
     """Rows of row-block ``pid``: (row indices [BM] int64, row mask [BM], adapter index ≥ 0 (int64), active).
 
@@ -83,10 +102,18 @@ def seg_rows(start, hi, perm_ptr, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
 
 INTERPRETED = type(mm).__name__ == "InterpretedFunction"
 
+#: Test hook: run fp16 dots in fp16 under the interpreter too (it handles fp16, unlike bf16), so that the CPU tests
+#: can exercise the GPU's half-precision dot path and its numerics. Never set outside tests.
+HALF_DOT_IN_INTERPRETER = False
+
 
 def dot_f32(dtype: torch.dtype) -> bool:
     """Whether ``mm`` runs in fp32 for this input dtype (see ``mm``)."""
-    return INTERPRETED or dtype == torch.float32
+    if dtype == torch.float32:
+        return True
+    if INTERPRETED:
+        return not (HALF_DOT_IN_INTERPRETER and dtype == torch.float16)
+    return False
 
 
 def schedule(ids: Tensor | None, adapters: int, block_m: int) -> Schedule | None:

@@ -28,6 +28,7 @@ from ._triton_common import (
     block_rows,
     dot_f32,
     mm,
+    mm_split,
     num_groups,
     num_row_blocks,
     row_sched_args,
@@ -164,7 +165,7 @@ def _seg_outer(
         vt = tl.load(
             v_ptr + rows[:, None] * s_vm + dd[None, :] * s_vd, mask=rmask[:, None] & dmask[None, :], other=0.0
         )
-        acc += mm(tl.trans(ut), vt, ELEM, DOT_F32)
+        acc += mm_split(tl.trans(ut), vt, ELEM, DOT_F32)
     # The passthrough group owns no adapter and stores nothing.
     base = split * A + a
     tl.store(
@@ -176,11 +177,13 @@ def _seg_outer(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiles and launchers.
-def row_bm(n: int, r: int) -> int:
-    """Row-block height shared by ``_rowproj`` and ``_gemm_lr`` in one call (they share one schedule)."""
+def row_bm(n: int, r: int, groups: int) -> int:
+    """Row-block height shared by ``_rowproj`` and ``_gemm_lr`` in one call (they share one schedule); it follows
+    the rows per group, since a block never spans two adapters (see ``_triton_bottleneck.row_tiles``)."""
+    m = cdiv(n, groups)
     if INTERPRETED:
-        return pow2_tile(n, 16, 128)
-    return pow2_tile(n, 16, 128 if r <= 64 else 64)
+        return pow2_tile(m, 16, 256)
+    return pow2_tile(m, 16, 128 if r <= 64 else 64)
 
 
 def _proj_tiles(k: int, r: int, bm: int) -> dict[str, int]:
@@ -193,21 +196,22 @@ def _proj_tiles(k: int, r: int, bm: int) -> dict[str, int]:
 def _gemm_tiles(k: int, nout: int, r: int, bm: int) -> dict[str, int]:
     br = pow2_tile(r, 16, 256)
     if INTERPRETED:
-        return {"BM": bm, "BN": pow2_tile(nout, 16, 256), "BK": pow2_tile(k, 16, 256), "BR": br, "GROUP_M": 8}
+        return {"BM": bm, "BN": pow2_tile(nout, 16, 512), "BK": pow2_tile(k, 16, 512), "BR": br, "GROUP_M": 4}
     if bm <= 16:  # decode-sized batches: weight-bandwidth bound, many narrow column blocks to fill the GPU
         return {"BM": bm, "BN": 64, "BK": 128, "BR": br, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
     return {"BM": bm, "BN": 128, "BK": 64, "BR": br, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def _outer_tiles(n_rows: int, dv: int, r: int, groups: int, adapters: int) -> dict[str, int]:
+def _outer_tiles(n: int, dv: int, r: int, groups: int, adapters: int) -> dict[str, int]:
     """Like ``_triton_bottleneck.col_tiles``: SPLIT adds programs when column blocks × groups are few; partials
-    cost SPLIT × A × r × dv fp32, capped at 64 MiB. The interpreter splits whenever there are two row blocks."""
+    cost SPLIT × A × r × dv fp32, capped at 64 MiB. The interpreter splits whenever a group spans two row blocks."""
     br = pow2_tile(r, 16, 256)
+    m = cdiv(n, groups)
     if INTERPRETED:
-        bm = pow2_tile(n_rows, 16, 256)
-        return {"BM": bm, "BD": pow2_tile(dv, 16, 512), "BR": br, "SPLIT": 2 if n_rows > bm else 1}
-    bm, bd = 64, (128 if br <= 64 else 64)
-    split = max(1, min(cdiv(264, cdiv(dv, bd) * groups), cdiv(n_rows, bm)))
+        bm = pow2_tile(m, 16, 256)
+        return {"BM": bm, "BD": pow2_tile(dv, 16, 512), "BR": br, "SPLIT": 2 if m > bm else 1}
+    bm, bd = pow2_tile(m, 16, 64), (128 if br <= 64 else 64)
+    split = max(1, min(cdiv(264, cdiv(dv, bd) * groups), cdiv(m, bm)))
     split = max(1, min(split, (64 << 20) // max(adapters * r * dv * 4, 1)))
     return {"BM": bm, "BD": bd, "BR": br, "SPLIT": split, "num_warps": 4 if br <= 64 else 8}
 
@@ -304,7 +308,7 @@ def forward(
     n = x2.shape[0]
     adapters, r = a_bank.shape[0], a_bank.shape[1]
     d_out = weight.shape[0]
-    bm = row_bm(n, r)
+    bm = row_bm(n, r, 1 if ids is None else adapters + 1)
     sched = schedule(ids, adapters, bm)
     t = _rowproj_launch(x2, a_bank, (a_bank.stride(0), a_bank.stride(1), a_bank.stride(2)), r, sched, bm)
     y = _gemm_launch(
@@ -334,7 +338,7 @@ def backward(
     dt = dy·B[a]: dx = dy·W + s_a·dt·A[a], dA[a] = s_a·Σ dtᵀx, dB[a] = s_a·Σ dyᵀt, dL/ds_a = ⟨Σ dyᵀt, B[a]⟩."""
     n, d_in = x2.shape
     adapters, r = a_bank.shape[0], a_bank.shape[1]
-    bm = row_bm(n, r)
+    bm = row_bm(n, r, 1 if ids is None else adapters + 1)
     sched = schedule(ids, adapters, bm)
     dx = None
     if need_dx:

@@ -195,7 +195,7 @@ def bottleneck_bwd_op(
 
 def _bwd_outputs(x, dx, dwd, dbd, dwu, dbu, ds, need_dx, need_dw, need_dscale):
     """Shape the backward results for the op schema (also used by the multi-adapter op)."""
-    out_dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    out_dx = dx.reshape(x.shape).contiguous() if need_dx else x.new_empty((0,))
     if not need_dw:
         dwd = dbd = dwu = dbu = None
     return (

@@ -135,7 +135,7 @@ def lora_bwd_op(
 def lora_bwd_outputs(x, dx, dw, db, da, dbb, ds, need_dx, need_dw, need_lora, need_dscale):
     """Shape the backward results for the op schema (also used by the multi-adapter op)."""
     return (
-        dx.reshape(x.shape) if need_dx else x.new_empty((0,)),
+        dx.reshape(x.shape).contiguous() if need_dx else x.new_empty((0,)),
         or_empty(dw if need_dw else None, x),
         or_empty(db if need_dw else None, x),
         or_empty(da if need_lora else None, x),

@@ -96,7 +96,7 @@ def _adapter_scale(scale: float | Tensor | None, a: int) -> float | Tensor:
     if scale is None:
         return 1.0
     if isinstance(scale, Tensor):
-        return scale[a]
+        return scale.reshape(-1)[a if scale.numel() > 1 else 0]  # per-adapter [A], or one scalar for all
     return scale
 
 

@@ -18,6 +18,7 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 2e-2),
+    torch.float64: (1e-10, 1e-10),  # the reference path only (the kernels take fp32/fp16/bf16)
 }
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -123,3 +124,124 @@ def cycle(values: Iterable, i: int):
     """The i-th value of ``values``, cycling: spreads secondary options across a parametrized case list."""
     values = tuple(values)
     return values[i % len(values)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input factories (one per op), shared by the test modules.
+ACTS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "identity", "linear", "tanh")
+BOTTLENECK_SCALES = ("float", "scalar", "scalar1", "channel")
+LORA_SCALES = ("float", "scalar", "scalar1")
+BANK_SCALES = ("none", "float", "scalar", "per_adapter")
+
+
+def bottleneck_args(
+    n: int | tuple[int, ...],
+    d: int,
+    r: int,
+    dtype: torch.dtype,
+    *,
+    act: str = "relu",
+    bias: bool = True,
+    scale_kind: str = "float",
+    transposed: bool = False,
+    residual: bool = False,
+    seed: int = 0,
+    grads: bool = True,
+) -> dict:
+    """Inputs of a realistic scale: x ~ N(0, 1); w_down ~ N(0, 1/d), so h ~ N(0, 1) spans every activation's curved
+    region; w_up ~ N(0, 1/d) (adapters start with a small up projection), so neither direction amplifies by √(d/r)."""
+    m = Maker(seed, dtype)
+    lead = n if isinstance(n, tuple) else (n,)
+    scale = {
+        "float": 0.7,
+        "scalar": lambda: m(grad=grads),  # 0-dim learned scalar
+        "scalar1": lambda: m(1, grad=grads),
+        "channel": lambda: m(d, grad=grads),
+    }[scale_kind]
+    return {
+        "x": m(*lead, d, grad=grads),
+        "w_down": m(r, d, std=d**-0.5, transposed=transposed, grad=grads),
+        "b_down": m(r, grad=grads) if bias else None,
+        "w_up": m(d, r, std=d**-0.5, transposed=transposed, grad=grads),
+        "b_up": m(d, grad=grads) if bias else None,
+        "scale": scale if isinstance(scale, float) else scale(),
+        "act": act,
+        "residual": m(*lead, d, grad=grads) if residual else None,
+    }
+
+
+def lora_args(
+    n: int | tuple[int, ...],
+    d_in: int,
+    d_out: int,
+    r: int,
+    dtype: torch.dtype,
+    *,
+    bias: bool = True,
+    scale_kind: str = "float",
+    transposed: bool = False,
+    base_grad: bool = False,
+    lora_grad: bool = True,
+    x_grad: bool = True,
+    seed: int = 0,
+) -> dict:
+    """x ~ N(0, 1); W, A ~ N(0, 1/d_in); B ~ N(0, 1/d_out) (so x·Aᵀ is O(1) and dy·B does not amplify by √(d_out/r)).
+    The base layer is frozen unless ``base_grad``; ``transposed`` passes W, A and B as transposed views."""
+    m = Maker(seed, dtype)
+    lead = n if isinstance(n, tuple) else (n,)
+    scale = {
+        "float": 2.0,  # alpha / r
+        "scalar": lambda: m(grad=lora_grad),
+        "scalar1": lambda: m(1, grad=lora_grad),
+    }[scale_kind]
+    return {
+        "x": m(*lead, d_in, grad=x_grad),
+        "weight": m(d_out, d_in, std=d_in**-0.5, transposed=transposed, grad=base_grad),
+        "bias": m(d_out, grad=base_grad) if bias else None,
+        "lora_a": m(r, d_in, std=d_in**-0.5, transposed=transposed, grad=lora_grad),
+        "lora_b": m(d_out, r, std=d_out**-0.5, transposed=transposed, grad=lora_grad),
+        "scale": scale if isinstance(scale, float) else scale(),
+    }
+
+
+def _bank_scale(m: Maker, kind: str, adapters: int, grad: bool):
+    return {
+        "none": lambda: None,
+        "float": lambda: 0.5,
+        "scalar": lambda: m(grad=grad),
+        "per_adapter": lambda: m(adapters, grad=grad),
+    }[kind]()
+
+
+def bottleneck_bank_args(n, d, r, adapters, dtype, *, act="relu", bias=True, scale_kind="per_adapter", transposed=False,
+            residual=False, seed=0, ids=None) -> dict:  # fmt: skip
+    """Same scales as bottleneck_args, stacked into banks of ``adapters``."""
+    m = Maker(seed, dtype)
+    lead = n if isinstance(n, tuple) else (n,)
+    return {
+        "x": m(*lead, d),
+        "adapter_ids": m.ids(lead[0], adapters) if ids is None else ids,
+        "w_down": m(adapters, r, d, std=d**-0.5, transposed=transposed),
+        "b_down": m(adapters, r) if bias else None,
+        "w_up": m(adapters, d, r, std=d**-0.5, transposed=transposed),
+        "b_up": m(adapters, d) if bias else None,
+        "scale": _bank_scale(m, scale_kind, adapters, True),
+        "act": act,
+        "residual": m(*lead, d) if residual else None,
+    }
+
+
+def lora_bank_args(n, d_in, d_out, r, adapters, dtype, *, bias=True, scale_kind="per_adapter", transposed=False,
+              base_grad=False, seed=0, ids=None) -> dict:  # fmt: skip
+    """Same scales as lora_args, LoRA factors stacked into banks of ``adapters``."""
+    m = Maker(seed, dtype)
+    lead = n if isinstance(n, tuple) else (n,)
+    return {
+        "x": m(*lead, d_in),
+        "adapter_ids": m.ids(lead[0], adapters) if ids is None else ids,
+        "weight": m(d_out, d_in, std=d_in**-0.5, grad=base_grad),
+        "bias": m(d_out, grad=base_grad) if bias else None,
+        "lora_a": m(adapters, r, d_in, std=d_in**-0.5, transposed=transposed),
+        "lora_b": m(adapters, d_out, r, std=d_out**-0.5, transposed=transposed),
+        "scale": _bank_scale(m, scale_kind, adapters, True),
+    }

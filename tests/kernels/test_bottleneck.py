@@ -9,55 +9,19 @@ from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
+    ACTS,
+    BOTTLENECK_SCALES,
     DEVICE,
     DTYPES,
     INTERPRET,
-    Maker,
     assert_close,
+    bottleneck_args,
     check_against_fp64,
     cycle,
     kernel_settings,
 )
 
-ACTS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "identity", "linear", "tanh")
-SCALE_KINDS = ("float", "scalar", "scalar1", "channel")
 SIZES_N, SIZES_D, SIZES_R = (1, 7, 129, 1151), (64, 200, 768), (1, 8, 24, 64)
-
-
-def make_args(
-    n: int | tuple[int, ...],
-    d: int,
-    r: int,
-    dtype: torch.dtype,
-    *,
-    act: str = "relu",
-    bias: bool = True,
-    scale_kind: str = "float",
-    transposed: bool = False,
-    residual: bool = False,
-    seed: int = 0,
-    grads: bool = True,
-) -> dict:
-    """Inputs of a realistic scale: x ~ N(0, 1); w_down ~ N(0, 1/d), so h ~ N(0, 1) spans every activation's curved
-    region; w_up ~ N(0, 1/d) (adapters start with a small up projection), so neither direction amplifies by √(d/r)."""
-    m = Maker(seed, dtype)
-    lead = n if isinstance(n, tuple) else (n,)
-    scale = {
-        "float": 0.7,
-        "scalar": lambda: m(grad=grads),  # 0-dim learned scalar
-        "scalar1": lambda: m(1, grad=grads),
-        "channel": lambda: m(d, grad=grads),
-    }[scale_kind]
-    return {
-        "x": m(*lead, d, grad=grads),
-        "w_down": m(r, d, std=d**-0.5, transposed=transposed, grad=grads),
-        "b_down": m(r, grad=grads) if bias else None,
-        "w_up": m(d, r, std=d**-0.5, transposed=transposed, grad=grads),
-        "b_up": m(d, grad=grads) if bias else None,
-        "scale": scale if isinstance(scale, float) else scale(),
-        "act": act,
-        "residual": m(*lead, d, grad=grads) if residual else None,
-    }
 
 
 def _cases() -> list:
@@ -66,7 +30,7 @@ def _cases() -> list:
     for i, (act, dtype) in enumerate((a, t) for a in ACTS for t in DTYPES):
         opts = {
             "bias": cycle((True, False), i),
-            "scale_kind": cycle(SCALE_KINDS, i),
+            "scale_kind": cycle(BOTTLENECK_SCALES, i),
             "transposed": cycle((False, True, True), i),
             "residual": cycle((False, True, False, True, True), i),
         }
@@ -79,7 +43,7 @@ def _cases() -> list:
     for i, (n, d, r) in enumerate(shapes):
         opts = {
             "bias": cycle((False, True), i),
-            "scale_kind": cycle(SCALE_KINDS, i + 1),
+            "scale_kind": cycle(BOTTLENECK_SCALES, i + 1),
             "transposed": cycle((True, False), i),
             "residual": cycle((True, False, False), i),
         }
@@ -91,12 +55,14 @@ def _cases() -> list:
 
 @pytest.mark.parametrize(("n", "d", "r", "dtype", "act", "opts"), _cases())
 def test_matches_fp64_reference(n, d, r, dtype, act, opts):
-    args = make_args(n, d, r, dtype, act=act, seed=n + d + r, **opts)
+    args = bottleneck_args(n, d, r, dtype, act=act, seed=n + d + r, **opts)
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, dtype, seed=n)
 
 
 def test_leading_dims_are_flattened():
-    args = make_args((3, 43), 200, 8, torch.float32, act="gelu", residual=True, scale_kind="channel", seed=3)
+    args = bottleneck_args(
+        (3, 43), 200, 8, torch.float32, act="gelu", residual=True, scale_kind="channel", seed=3
+    )
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, torch.float32)
 
 
@@ -108,13 +74,13 @@ def test_leading_dims_are_flattened():
     dtype=st.sampled_from(DTYPES),
     act=st.sampled_from(ACTS),
     bias=st.booleans(),
-    scale_kind=st.sampled_from(SCALE_KINDS),
+    scale_kind=st.sampled_from(BOTTLENECK_SCALES),
     transposed=st.booleans(),
     residual=st.booleans(),
 )
 def test_random_shapes(n, d, r, dtype, act, bias, scale_kind, transposed, residual):
     opts = {"bias": bias, "scale_kind": scale_kind, "transposed": transposed, "residual": residual}
-    args = make_args(n, d, r, dtype, act=act, seed=n * 7 + d, **opts)
+    args = bottleneck_args(n, d, r, dtype, act=act, seed=n * 7 + d, **opts)
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, dtype, seed=r)
 
 
@@ -125,7 +91,7 @@ def test_random_shapes(n, d, r, dtype, act, bias, scale_kind, transposed, residu
 )
 def test_partial_gradients(trainable):
     """Only some inputs require grad: the op skips the rest (need_dx / need_dw / need_dscale flags)."""
-    args = make_args(
+    args = bottleneck_args(
         129, 200, 24, torch.float32, act="silu", scale_kind="channel", residual=True, grads=False
     )
     for k in trainable:
@@ -141,14 +107,14 @@ def test_half_precision_dot_path(monkeypatch, act):
         import fxadapt.kernels._triton_common as tc
 
         monkeypatch.setattr(tc, "HALF_DOT_IN_INTERPRETER", True)
-    args = make_args(
+    args = bottleneck_args(
         1151, 768, 64, torch.float16, act=act, scale_kind="scalar", residual=act == "relu", seed=5
     )
     check_against_fp64(K.bottleneck, R.bottleneck_ref, args, torch.float16)
 
 
 def test_no_grad_forward_is_the_same_computation():
-    args = make_args(129, 200, 8, torch.bfloat16, act="gelu", scale_kind="channel")
+    args = bottleneck_args(129, 200, 8, torch.bfloat16, act="gelu", scale_kind="channel")
     y = K.bottleneck(**args)
     with torch.no_grad():
         y_ng = K.bottleneck(**args)
@@ -156,7 +122,7 @@ def test_no_grad_forward_is_the_same_computation():
 
 
 def test_backward_is_deterministic():
-    args = make_args(1151, 768, 24, torch.float32, act="gelu_tanh", scale_kind="scalar", seed=11)
+    args = bottleneck_args(1151, 768, 24, torch.float32, act="gelu_tanh", scale_kind="scalar", seed=11)
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor)]
     dy = torch.randn(args["x"].shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     first = torch.autograd.grad(K.bottleneck(**args), leaves, dy)
@@ -168,7 +134,7 @@ def test_backward_is_deterministic():
 def test_saves_only_pre_activation_for_backward():
     """Besides the inputs, autograd keeps exactly one [N, r] fp32 tensor (h): no [N, d] intermediate."""
     n, d, r = 129, 200, 24
-    args = make_args(n, d, r, torch.bfloat16, residual=True)
+    args = bottleneck_args(n, d, r, torch.bfloat16, residual=True)
     saved = []
 
     def pack(t):
@@ -183,7 +149,7 @@ def test_saves_only_pre_activation_for_backward():
 
 
 def test_empty_batch():
-    args = make_args(0, 64, 8, torch.float32)
+    args = bottleneck_args(0, 64, 8, torch.float32)
     y = K.bottleneck(**args)
     y.sum().backward()
     assert y.shape == (0, 64)
@@ -203,14 +169,14 @@ def test_empty_batch():
     ],
 )
 def test_invalid_arguments_raise(change, message):
-    args = make_args(5, 64, 8, torch.float32, grads=False)
+    args = bottleneck_args(5, 64, 8, torch.float32, grads=False)
     args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(ValueError, match=message):
         K.bottleneck(**args)
 
 
 def test_activation_aliases_are_the_same_op():
-    args = make_args(7, 64, 8, torch.float32, grads=False)
+    args = bottleneck_args(7, 64, 8, torch.float32, grads=False)
     for alias, canonical in [("swish", "silu"), ("linear", "identity"), ("gelu_new", "gelu_tanh")]:
         y_alias = K.bottleneck(**{**args, "act": alias})
         assert_close(y_alias, K.bottleneck(**{**args, "act": canonical}), torch.float32, alias)

@@ -8,48 +8,21 @@ import torch
 from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_helpers import DEVICE, DTYPES, INTERPRET, Maker, check_against_fp64, cycle, kernel_settings
-
-SCALE_KINDS = ("float", "scalar", "scalar1")
-
-
-def make_args(
-    n: int | tuple[int, ...],
-    d_in: int,
-    d_out: int,
-    r: int,
-    dtype: torch.dtype,
-    *,
-    bias: bool = True,
-    scale_kind: str = "float",
-    transposed: bool = False,
-    base_grad: bool = False,
-    lora_grad: bool = True,
-    x_grad: bool = True,
-    seed: int = 0,
-) -> dict:
-    """x ~ N(0, 1); W, A ~ N(0, 1/d_in); B ~ N(0, 1/d_out) (so x·Aᵀ is O(1) and dy·B does not amplify by √(d_out/r)).
-    The base layer is frozen unless ``base_grad``; ``transposed`` passes W, A and B as transposed views."""
-    m = Maker(seed, dtype)
-    lead = n if isinstance(n, tuple) else (n,)
-    scale = {
-        "float": 2.0,  # alpha / r
-        "scalar": lambda: m(grad=lora_grad),
-        "scalar1": lambda: m(1, grad=lora_grad),
-    }[scale_kind]
-    return {
-        "x": m(*lead, d_in, grad=x_grad),
-        "weight": m(d_out, d_in, std=d_in**-0.5, transposed=transposed, grad=base_grad),
-        "bias": m(d_out, grad=base_grad) if bias else None,
-        "lora_a": m(r, d_in, std=d_in**-0.5, transposed=transposed, grad=lora_grad),
-        "lora_b": m(d_out, r, std=d_out**-0.5, transposed=transposed, grad=lora_grad),
-        "scale": scale if isinstance(scale, float) else scale(),
-    }
+from kernel_helpers import (
+    DEVICE,
+    DTYPES,
+    INTERPRET,
+    LORA_SCALES,
+    check_against_fp64,
+    cycle,
+    kernel_settings,
+    lora_args,
+)
 
 
 def _cases() -> list:
     cases = []
-    for i, (dtype, kind) in enumerate((t, k) for t in DTYPES for k in SCALE_KINDS):
+    for i, (dtype, kind) in enumerate((t, k) for t in DTYPES for k in LORA_SCALES):
         opts = {
             "bias": cycle((True, False), i),
             "scale_kind": kind,
@@ -64,7 +37,7 @@ def _cases() -> list:
     for i, (n, d_in, d_out, r) in enumerate(shapes):
         opts = {
             "bias": cycle((False, True), i),
-            "scale_kind": cycle(SCALE_KINDS, i),
+            "scale_kind": cycle(LORA_SCALES, i),
             "transposed": cycle((True, False), i),
             "base_grad": cycle((False, True, False), i),
         }
@@ -77,12 +50,12 @@ def _cases() -> list:
 
 @pytest.mark.parametrize(("n", "d_in", "d_out", "r", "dtype", "opts"), _cases())
 def test_matches_fp64_reference(n, d_in, d_out, r, dtype, opts):
-    args = make_args(n, d_in, d_out, r, dtype, seed=n + d_in + r, **opts)
+    args = lora_args(n, d_in, d_out, r, dtype, seed=n + d_in + r, **opts)
     check_against_fp64(K.lora_linear, R.lora_ref, args, dtype, seed=n)
 
 
 def test_leading_dims_are_flattened():
-    args = make_args((2, 3, 21), 200, 64, 8, torch.float32, scale_kind="scalar", base_grad=True, seed=4)
+    args = lora_args((2, 3, 21), 200, 64, 8, torch.float32, scale_kind="scalar", base_grad=True, seed=4)
     check_against_fp64(K.lora_linear, R.lora_ref, args, torch.float32)
 
 
@@ -94,13 +67,13 @@ def test_leading_dims_are_flattened():
     r=st.integers(1, 64),
     dtype=st.sampled_from(DTYPES),
     bias=st.booleans(),
-    scale_kind=st.sampled_from(SCALE_KINDS),
+    scale_kind=st.sampled_from(LORA_SCALES),
     transposed=st.booleans(),
     base_grad=st.booleans(),
 )
 def test_random_shapes(n, d_in, d_out, r, dtype, bias, scale_kind, transposed, base_grad):
     opts = {"bias": bias, "scale_kind": scale_kind, "transposed": transposed, "base_grad": base_grad}
-    args = make_args(n, d_in, d_out, r, dtype, seed=n + 3 * d_out, **opts)
+    args = lora_args(n, d_in, d_out, r, dtype, seed=n + 3 * d_out, **opts)
     check_against_fp64(K.lora_linear, R.lora_ref, args, dtype, seed=r)
 
 
@@ -110,7 +83,7 @@ def test_random_shapes(n, d_in, d_out, r, dtype, bias, scale_kind, transposed, b
     ids=lambda t: "+".join(t),
 )
 def test_partial_gradients(trainable):
-    args = make_args(129, 200, 72, 8, torch.float32, scale_kind="scalar", lora_grad=False, x_grad=False)
+    args = lora_args(129, 200, 72, 8, torch.float32, scale_kind="scalar", lora_grad=False, x_grad=False)
     for k in trainable:
         args[k].requires_grad_(True)
     check_against_fp64(K.lora_linear, R.lora_ref, args, torch.float32)
@@ -122,14 +95,14 @@ def test_half_precision_dot_path(monkeypatch):
         import fxadapt.kernels._triton_common as tc
 
         monkeypatch.setattr(tc, "HALF_DOT_IN_INTERPRETER", True)
-    args = make_args(1151, 768, 200, 64, torch.float16, base_grad=True, scale_kind="scalar", seed=8)
+    args = lora_args(1151, 768, 200, 64, torch.float16, base_grad=True, scale_kind="scalar", seed=8)
     check_against_fp64(K.lora_linear, R.lora_ref, args, torch.float16)
 
 
 def test_saves_only_low_rank_projection():
     """Autograd keeps the inputs plus t = x·Aᵀ [N, r] fp32: no [N, d_out] intermediate."""
     n, r = 129, 8
-    args = make_args(n, 200, 64, r, torch.bfloat16)
+    args = lora_args(n, 200, 64, r, torch.bfloat16)
     saved = []
 
     def pack(t):
@@ -143,7 +116,7 @@ def test_saves_only_low_rank_projection():
 
 
 def test_backward_is_deterministic():
-    args = make_args(1151, 768, 200, 24, torch.float32, base_grad=True)
+    args = lora_args(1151, 768, 200, 24, torch.float32, base_grad=True)
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     dy = torch.randn(1151, 200, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     first = torch.autograd.grad(K.lora_linear(**args), leaves, dy)
@@ -153,7 +126,7 @@ def test_backward_is_deterministic():
 
 
 def test_empty_batch():
-    args = make_args(0, 64, 32, 8, torch.float32)
+    args = lora_args(0, 64, 32, 8, torch.float32)
     y = K.lora_linear(**args)
     y.sum().backward()
     assert y.shape == (0, 32)
@@ -171,7 +144,7 @@ def test_empty_batch():
     ],
 )
 def test_invalid_arguments_raise(change, message):
-    args = make_args(5, 64, 32, 8, torch.float32, lora_grad=False, x_grad=False)
+    args = lora_args(5, 64, 32, 8, torch.float32, lora_grad=False, x_grad=False)
     args.update({k: v.to(DEVICE) for k, v in change.items()})
     with pytest.raises(ValueError, match=message):
         K.lora_linear(**args)

@@ -8,52 +8,17 @@ import torch
 from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_helpers import DEVICE, DTYPES, Maker, assert_close, check_against_fp64, cycle, kernel_settings
-
-SCALE_KINDS = ("none", "float", "scalar", "per_adapter")
-
-
-def _scale(m: Maker, kind: str, adapters: int, grad: bool):
-    return {
-        "none": lambda: None,
-        "float": lambda: 0.5,
-        "scalar": lambda: m(grad=grad),
-        "per_adapter": lambda: m(adapters, grad=grad),
-    }[kind]()
-
-
-def bn_args(n, d, r, adapters, dtype, *, act="relu", bias=True, scale_kind="per_adapter", transposed=False,
-            residual=False, seed=0, ids=None) -> dict:  # fmt: skip
-    """Same scales as test_bottleneck.make_args, stacked into banks of ``adapters``."""
-    m = Maker(seed, dtype)
-    lead = n if isinstance(n, tuple) else (n,)
-    return {
-        "x": m(*lead, d),
-        "adapter_ids": m.ids(lead[0], adapters) if ids is None else ids,
-        "w_down": m(adapters, r, d, std=d**-0.5, transposed=transposed),
-        "b_down": m(adapters, r) if bias else None,
-        "w_up": m(adapters, d, r, std=d**-0.5, transposed=transposed),
-        "b_up": m(adapters, d) if bias else None,
-        "scale": _scale(m, scale_kind, adapters, True),
-        "act": act,
-        "residual": m(*lead, d) if residual else None,
-    }
-
-
-def lora_args(n, d_in, d_out, r, adapters, dtype, *, bias=True, scale_kind="per_adapter", transposed=False,
-              base_grad=False, seed=0, ids=None) -> dict:  # fmt: skip
-    """Same scales as test_lora.make_args, LoRA factors stacked into banks of ``adapters``."""
-    m = Maker(seed, dtype)
-    lead = n if isinstance(n, tuple) else (n,)
-    return {
-        "x": m(*lead, d_in),
-        "adapter_ids": m.ids(lead[0], adapters) if ids is None else ids,
-        "weight": m(d_out, d_in, std=d_in**-0.5, grad=base_grad),
-        "bias": m(d_out, grad=base_grad) if bias else None,
-        "lora_a": m(adapters, r, d_in, std=d_in**-0.5, transposed=transposed),
-        "lora_b": m(adapters, d_out, r, std=d_out**-0.5, transposed=transposed),
-        "scale": _scale(m, scale_kind, adapters, True),
-    }
+from kernel_helpers import (
+    BANK_SCALES,
+    DEVICE,
+    DTYPES,
+    assert_close,
+    bottleneck_bank_args,
+    check_against_fp64,
+    cycle,
+    kernel_settings,
+    lora_bank_args,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +38,7 @@ def _bn_cases() -> list:
         opts = {
             "act": cycle(("relu", "gelu", "silu", "gelu_tanh", "tanh", "identity"), i),
             "bias": cycle((True, False), i),
-            "scale_kind": cycle(SCALE_KINDS, i + 3),
+            "scale_kind": cycle(BANK_SCALES, i + 3),
             "transposed": cycle((False, True, True), i),
             "residual": cycle((False, True), i // 2),
         }
@@ -83,7 +48,7 @@ def _bn_cases() -> list:
 
 @pytest.mark.parametrize(("n", "d", "r", "adapters", "dtype", "opts"), _bn_cases())
 def test_bottleneck_multi_matches_fp64_reference(n, d, r, adapters, dtype, opts):
-    args = bn_args(n, d, r, adapters, dtype, seed=n + adapters, **opts)
+    args = bottleneck_bank_args(n, d, r, adapters, dtype, seed=n + adapters, **opts)
     check_against_fp64(K.bottleneck_multi, R.bottleneck_multi_ref, args, dtype)
 
 
@@ -100,7 +65,7 @@ def _lora_cases() -> list:
         dtype = cycle(DTYPES, i)
         opts = {
             "bias": cycle((True, False), i),
-            "scale_kind": cycle(SCALE_KINDS, i),
+            "scale_kind": cycle(BANK_SCALES, i),
             "transposed": cycle((False, True), i),
             "base_grad": cycle((True, False, False), i),
         }
@@ -114,7 +79,7 @@ def _lora_cases() -> list:
 
 @pytest.mark.parametrize(("n", "d_in", "d_out", "r", "adapters", "dtype", "opts"), _lora_cases())
 def test_lora_multi_matches_fp64_reference(n, d_in, d_out, r, adapters, dtype, opts):
-    args = lora_args(n, d_in, d_out, r, adapters, dtype, seed=n + adapters, **opts)
+    args = lora_bank_args(n, d_in, d_out, r, adapters, dtype, seed=n + adapters, **opts)
     check_against_fp64(K.lora_multi, R.lora_multi_ref, args, dtype)
 
 
@@ -136,10 +101,12 @@ def test_random_routing(n, d, r, adapters, skew, dtype, lora):
     gen = torch.Generator().manual_seed(n * 31 + adapters)
     ids = (torch.multinomial(weights, n, replacement=True, generator=gen) - 1).to(DEVICE)
     if lora:
-        args = lora_args(n, d, d + 5, r, adapters, dtype, seed=n, ids=ids)
+        args = lora_bank_args(n, d, d + 5, r, adapters, dtype, seed=n, ids=ids)
         check_against_fp64(K.lora_multi, R.lora_multi_ref, args, dtype)
     else:
-        args = bn_args(n, d, r, adapters, dtype, act="gelu", seed=n, ids=ids, residual=n % 2 == 1)
+        args = bottleneck_bank_args(
+            n, d, r, adapters, dtype, act="gelu", seed=n, ids=ids, residual=n % 2 == 1
+        )
         check_against_fp64(K.bottleneck_multi, R.bottleneck_multi_ref, args, dtype)
 
 
@@ -164,7 +131,7 @@ def _per_adapter_bottleneck(x, ids, w_down, b_down, w_up, b_up, scale, act):
 
 
 def test_bottleneck_multi_equals_single_op_per_adapter():
-    args = bn_args(1151, 200, 24, 6, torch.float32, act="silu", seed=1)
+    args = bottleneck_bank_args(1151, 200, 24, 6, torch.float32, act="silu", seed=1)
     leaves = [args[k] for k in ("x", "w_down", "b_down", "w_up", "b_up", "scale")]
     fused = K.bottleneck_multi(**args)
     looped = _per_adapter_bottleneck(
@@ -178,7 +145,7 @@ def test_bottleneck_multi_equals_single_op_per_adapter():
 
 
 def test_lora_multi_equals_single_op_per_adapter():
-    args = lora_args(1151, 200, 72, 8, 5, torch.float32, base_grad=True, seed=2)
+    args = lora_bank_args(1151, 200, 72, 8, 5, torch.float32, base_grad=True, seed=2)
     x, ids = args["x"], args["adapter_ids"]
     leaves = [args[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scale")]
     fused = K.lora_multi(**args)
@@ -202,28 +169,28 @@ def test_lora_multi_equals_single_op_per_adapter():
 def test_per_sequence_ids():
     """ids of shape [B] for x [B, T, d]: every token of sequence b uses adapter ids[b]."""
     ids = torch.tensor([2, -1, 0, 2], device=DEVICE)
-    args = bn_args((4, 33), 64, 8, 3, torch.float32, ids=ids, residual=True)
+    args = bottleneck_bank_args((4, 33), 64, 8, 3, torch.float32, ids=ids, residual=True)
     check_against_fp64(K.bottleneck_multi, R.bottleneck_multi_ref, args, torch.float32)
-    args = lora_args((4, 33), 64, 48, 8, 3, torch.float32, ids=ids)
+    args = lora_bank_args((4, 33), 64, 48, 8, 3, torch.float32, ids=ids)
     check_against_fp64(K.lora_multi, R.lora_multi_ref, args, torch.float32)
 
 
 def test_all_rows_without_adapter_pass_through():
     ids = torch.full((129,), -1, device=DEVICE)
-    args = bn_args(129, 64, 8, 3, torch.bfloat16, ids=ids, act="gelu")
+    args = bottleneck_bank_args(129, 64, 8, 3, torch.bfloat16, ids=ids, act="gelu")
     y = K.bottleneck_multi(**args)
     assert torch.equal(y, args["x"])  # bit-exact: the passthrough rows never touch adapter math
     dx, dwd, dscale = torch.autograd.grad(y, [args["x"], args["w_down"], args["scale"]], torch.ones_like(y))
     assert torch.equal(dx, torch.ones_like(dx))
     assert torch.count_nonzero(dwd) == 0 and torch.count_nonzero(dscale) == 0
-    largs = lora_args(129, 64, 32, 8, 3, torch.float32, ids=ids)
+    largs = lora_bank_args(129, 64, 32, 8, 3, torch.float32, ids=ids)
     base = torch.nn.functional.linear(largs["x"], largs["weight"], largs["bias"])
     assert_close(K.lora_multi(**largs), base, torch.float32, "y")
 
 
 def test_unused_adapters_get_zero_gradients():
     ids = torch.tensor([0, 0, 2, -1, 2, 0, 0], device=DEVICE)
-    args = bn_args(7, 64, 8, 4, torch.float32, ids=ids)
+    args = bottleneck_bank_args(7, 64, 8, 4, torch.float32, ids=ids)
     y = K.bottleneck_multi(**args)
     (dwd,) = torch.autograd.grad(y.square().sum(), [args["w_down"]])
     assert torch.count_nonzero(dwd[1]) == 0 and torch.count_nonzero(dwd[3]) == 0
@@ -234,20 +201,22 @@ def test_unused_adapters_get_zero_gradients():
 def test_out_of_range_ids_raise(bad):
     ids = torch.tensor([0, bad, 1], device=DEVICE)
     with pytest.raises(ValueError, match="out of range"):
-        K.bottleneck_multi(**bn_args(3, 16, 4, 3, torch.float32, ids=ids))
+        K.bottleneck_multi(**bottleneck_bank_args(3, 16, 4, 3, torch.float32, ids=ids))
     with pytest.raises(ValueError, match="out of range"):
-        K.lora_multi(**lora_args(3, 16, 8, 4, 3, torch.float32, ids=ids))
+        K.lora_multi(**lora_bank_args(3, 16, 8, 4, 3, torch.float32, ids=ids))
 
 
 def test_ids_shape_must_prefix_x():
     with pytest.raises(ValueError, match="prefix"):
         K.bottleneck_multi(
-            **bn_args((4, 5), 16, 4, 3, torch.float32, ids=torch.zeros(5, dtype=torch.long, device=DEVICE))
+            **bottleneck_bank_args(
+                (4, 5), 16, 4, 3, torch.float32, ids=torch.zeros(5, dtype=torch.long, device=DEVICE)
+            )
         )
 
 
 def test_multi_backward_is_deterministic():
-    args = lora_args(1151, 200, 64, 8, 8, torch.float32, seed=9)
+    args = lora_bank_args(1151, 200, 64, 8, 8, torch.float32, seed=9)
     leaves = [args["x"], args["lora_a"], args["lora_b"], args["scale"]]
     first = _grads(K.lora_multi(**args), leaves)
     second = _grads(K.lora_multi(**args), leaves)

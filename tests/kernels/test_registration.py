@@ -87,7 +87,24 @@ class AllOps(torch.nn.Module):
 
     def __init__(self, t: dict):
         super().__init__()
-        names = ("wd", "bd", "wu", "bu", "st", "w", "b", "la", "lb", "wdb", "bdb", "wub", "bub", "sb", "lab", "lbb")
+        names = (
+            "wd",
+            "bd",
+            "wu",
+            "bu",
+            "st",
+            "w",
+            "b",
+            "la",
+            "lb",
+            "wdb",
+            "bdb",
+            "wub",
+            "bub",
+            "sb",
+            "lab",
+            "lbb",
+        )
         for k in names:
             self.register_parameter(k, torch.nn.Parameter(t[k].detach().clone()))
         self.w.requires_grad_(False)  # frozen base layer, the LoRA common case
