@@ -100,9 +100,7 @@ def test_fp64_runs_on_the_reference(no_kernels):
     assert not ok and "float64" in why
     with K.backend("auto"):
         args = bottleneck_args(7, 64, 8, torch.float64, act="tanh")
-        check_against_fp64(
-            K.bottleneck, R.bottleneck_ref, args, torch.float32
-        )  # fp64 vs fp64: the tightest row
+        check_against_fp64(K.bottleneck, R.bottleneck_ref, args, torch.float64)
 
 
 def test_activation_grad_matches_autograd():
