@@ -299,8 +299,11 @@ def build_schedule(ids: torch.Tensor, num_adapters: int, block_m: int) -> Schedu
 
 def check_ids(ids: torch.Tensor, num_adapters: int) -> None:
     """Reject ids outside [−1, num_adapters). Reads two scalars back (a sync on CUDA): a wrong id would otherwise
-    index another adapter's weights silently."""
+    index another adapter's weights silently. Skipped while a CUDA graph is being captured (a sync is illegal
+    there; the ids of a captured graph were validated by the eager warm-up run)."""
     if ids.numel() == 0:
+        return
+    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < -1 or hi >= num_adapters:

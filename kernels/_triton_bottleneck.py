@@ -113,7 +113,6 @@ def _bn_fwd(
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows, rmask, a, active = block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED)
-    ELEM: tl.constexpr = x_ptr.dtype.element_ty
     sf = tl.cast(scale_f, tl.float32)  # Inductor and the interpreter may hand floats over as fp64
     rr = tl.arange(0, BR)  # rank lanes; BR ≥ 16 (tl.dot minimum), lanes ≥ R are masked to 0
     rmask_r = rr < R
@@ -132,7 +131,7 @@ def _bn_fwd(
             mask=dmask[:, None] & rmask_r[None, :],
             other=0.0,
         )
-        acc += mm(xt, wt, ELEM, DOT_F32)
+        acc += mm(xt, wt, DOT_F32)
     if HAS_BD:
         acc += tl.load(bd_ptr + a * s_bda + rr * s_bdr, mask=rmask_r, other=0.0).to(tl.float32)[None, :]
     h = tl.where(active, acc, 0.0)  # passthrough rows save h = 0 (so backward sees zeros there)
@@ -149,7 +148,7 @@ def _bn_fwd(
             mask=rmask_r[:, None] & dmask[None, :],
             other=0.0,
         )
-        out = mm(g, wt, ELEM, DOT_F32)
+        out = mm(g, wt, DOT_F32)
         if HAS_BU:
             out += tl.load(bu_ptr + a * s_bua + dd * s_bud, mask=dmask, other=0.0).to(tl.float32)[None, :]
         if HAS_SC:
@@ -182,7 +181,6 @@ def _bn_bwd_dh(
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows, rmask, a, active = block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED)
-    ELEM: tl.constexpr = dy_ptr.dtype.element_ty
     sf = tl.cast(scale_f, tl.float32)
     rr = tl.arange(0, BR)
     rmask_r = rr < R
@@ -206,7 +204,7 @@ def _bn_bwd_dh(
             mask=dmask[:, None] & rmask_r[None, :],
             other=0.0,
         )
-        acc += mm_split(dyt, wt, ELEM, DOT_F32)
+        acc += mm_split(dyt, wt, DOT_F32)
     m2 = rmask[:, None] & rmask_r[None, :]
     h = tl.load(h_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0)
     dh = tl.where(active, acc * act_bwd(h, ACT), 0.0)  # passthrough rows: no adapter, no dh
@@ -227,7 +225,6 @@ def _bn_bwd_col(
     pid_d = tl.program_id(0)  # which BD-wide column block of d
     grp = tl.program_id(1)  # which row group (schedule group, or the single adapter)
     split = tl.program_id(2)  # which of SPLIT interleaved row-block subsets of the group
-    ELEM: tl.constexpr = dy_ptr.dtype.element_ty
     lo, hi, a, active = seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED)
     dd = pid_d * BD + tl.arange(0, BD)
     dmask = dd < D
@@ -251,15 +248,15 @@ def _bn_bwd_col(
         dh = tl.load(dh_ptr + rows[:, None] * R + rr[None, :], mask=m_rr, other=0.0)  # fp32 scratch
         dyt = tl.load(dy_ptr + rows[:, None] * s_dym + dd[None, :] * s_dyd, mask=m_rd, other=0.0)
         if NEED_DX:
-            dx = mm(dh, wdt, ELEM, DOT_F32)  # passthrough rows have dh = 0 → dx = dy or 0
+            dx = mm(dh, wdt, DOT_F32)  # passthrough rows have dh = 0 → dx = dy or 0
             if ADD_DY:
                 dx += dyt.to(tl.float32)
             tl.store(dx_ptr + rows[:, None] * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m_rd)
         if NEED_DW:
             xt = tl.load(x_ptr + rows[:, None] * s_xm + dd[None, :] * s_xd, mask=m_rd, other=0.0)
-            acc_wd += mm_split(tl.trans(dh), xt, ELEM, DOT_F32)
+            acc_wd += mm_split(tl.trans(dh), xt, DOT_F32)
             g = act_fwd(tl.load(h_ptr + rows[:, None] * R + rr[None, :], mask=m_rr, other=0.0), ACT)
-            acc_p += mm_split(tl.trans(g), dyt, ELEM, DOT_F32)
+            acc_p += mm_split(tl.trans(g), dyt, DOT_F32)
             acc_q += tl.sum(dyt.to(tl.float32), axis=0)
             acc_bd += tl.sum(dh, axis=0)
     if NEED_DW:

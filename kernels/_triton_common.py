@@ -15,22 +15,22 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def mm(a, b, ELEM: tl.constexpr, DOT_F32: tl.constexpr):
-    """a @ b with fp32 accumulation.
+def mm(a, b, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation; ``b`` is always a tile loaded from an input, so its dtype is the input dtype.
 
     DOT_F32: both operands in fp32 with IEEE precision — for fp32 inputs (PyTorch's default fp32 matmul is not
     TF32 either), and always under the interpreter, which mishandles bf16 bits (triton#11584). Otherwise the
-    operands are cast to the input dtype ELEM (fp16/bf16) for the tensor cores, like an eager half matmul.
+    operands are cast to b's dtype (fp16/bf16) for the tensor cores, like an eager half-precision matmul.
     """
     if DOT_F32:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        out = tl.dot(a.to(ELEM), b.to(ELEM))
+        out = tl.dot(a.to(b.dtype), b)
     return out
 
 
 @triton.jit
-def mm_split(a, b, ELEM: tl.constexpr, DOT_F32: tl.constexpr):
+def mm_split(a, b, DOT_F32: tl.constexpr):
     """a @ b where ``a`` is an fp32 intermediate (dh, act(h), dy⊙s, LoRA's t or dt) and ``b`` an input tile.
 
     On the half-precision path ``a`` is split into hi = half(a) and lo = half(a − hi), two tensor-core dots: ~2× the
@@ -41,10 +41,9 @@ def mm_split(a, b, ELEM: tl.constexpr, DOT_F32: tl.constexpr):
     if DOT_F32:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        hi = a.to(ELEM)
-        lo = (a - hi.to(tl.float32)).to(ELEM)
-        bb = b.to(ELEM)
-        out = tl.dot(hi, bb) + tl.dot(lo, bb)
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        out = tl.dot(hi, b) + tl.dot(lo, b)
     return out
 
 

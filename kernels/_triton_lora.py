@@ -52,7 +52,6 @@ def _rowproj(
     """out[rows, :R] = X[rows, :K] @ M[a]ᵀ with M[a] read as [R, K] through strides; fp32, 0 on passthrough rows."""
     pid = tl.program_id(0)
     rows, rmask, a, active = block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED)
-    ELEM: tl.constexpr = x_ptr.dtype.element_ty
     rr = tl.arange(0, BR)  # rank lanes, ≥ 16 for tl.dot; lanes ≥ R masked to 0
     rmask_r = rr < R
     acc = tl.zeros([BM, BR], dtype=tl.float32)
@@ -68,7 +67,7 @@ def _rowproj(
             mask=kmask[:, None] & rmask_r[None, :],
             other=0.0,
         )
-        acc += mm(xt, mt, ELEM, DOT_F32)
+        acc += mm(xt, mt, DOT_F32)
     acc = tl.where(active, acc, 0.0)
     tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc, mask=rmask[:, None] & rmask_r[None, :])
 
@@ -97,7 +96,6 @@ def _gemm_lr(
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
     rows, rmask, a, active = block_rows(pid_m, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED)
-    ELEM: tl.constexpr = x_ptr.dtype.element_ty
     nn = pid_n * BN + tl.arange(0, BN)
     nmask = nn < NOUT
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -110,7 +108,7 @@ def _gemm_lr(
         wt = tl.load(
             w_ptr + kk[:, None] * s_wk + nn[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :], other=0.0
         )
-        acc += mm(xt, wt, ELEM, DOT_F32)
+        acc += mm(xt, wt, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + nn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     # Low-rank epilogue: the [BM, BR] slice of T times the [BR, BN] tile of L[a], added in registers.
@@ -125,7 +123,7 @@ def _gemm_lr(
     s = tl.cast(scale_f, tl.float32)  # Inductor and the interpreter may hand floats over as fp64
     if HAS_SC:
         s = s * tl.load(sc_ptr + a * s_sca).to(tl.float32)
-    lora = mm(tt, lt, ELEM, DOT_F32) * s
+    lora = mm(tt, lt, DOT_F32) * s
     acc += tl.where(active, lora, 0.0)  # passthrough rows (id −1): base output only
     tl.store(
         out_ptr + rows[:, None] * NOUT + nn[None, :],
@@ -150,7 +148,6 @@ def _seg_outer(
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     split = tl.program_id(2)
-    ELEM: tl.constexpr = v_ptr.dtype.element_ty
     lo, hi, a, active = seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED)
     dd = pid_d * BD + tl.arange(0, BD)
     dmask = dd < DV
@@ -165,7 +162,7 @@ def _seg_outer(
         vt = tl.load(
             v_ptr + rows[:, None] * s_vm + dd[None, :] * s_vd, mask=rmask[:, None] & dmask[None, :], other=0.0
         )
-        acc += mm_split(tl.trans(ut), vt, ELEM, DOT_F32)
+        acc += mm_split(tl.trans(ut), vt, DOT_F32)
     # The passthrough group owns no adapter and stores nothing.
     base = split * A + a
     tl.store(

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import fxadapt.kernels as K
+import kernel_helpers
 import pytest
 import torch
 from fxadapt.kernels import reference as R
@@ -31,6 +32,12 @@ from kernel_helpers import (
 NEEDS_TRITON = False  # these tests choose their own backend (see conftest)
 
 OP_MODULES = ("fxadapt.kernels.bottleneck", "fxadapt.kernels.lora", "fxadapt.kernels.multi")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tensors(monkeypatch):
+    """The reference path is the CPU path: build inputs on CPU even where the tier runs on CUDA."""
+    monkeypatch.setattr(kernel_helpers, "DEVICE", torch.device("cpu"))
 
 
 @pytest.fixture
