@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from .errors import (
@@ -106,20 +105,18 @@ def inject(
         for index, (layer, (_, traced)) in enumerate(zip(layers, primed)):
             if not method.applies_to_layer(config, index):
                 continue
-            sites = traced.report.residual_by_kind()
             for kind in kinds:
-                site = sites.get(kind)
+                site = traced.report.site(kind)
                 if site is None:
                     continue
-                hidden = _hidden_size(traced.capture.graph, site.h)
-                module = method.build(config, kind, traced.report, layer, index, hidden)
+                module = method.build(config, site, layer, index)
                 module.to(**_placement(layer))
                 staged.append((index, name, kind, module))
                 placements.setdefault(index, []).append(kind)
         found = {k for ks in placements.values() for k in ks}
         missing = [k for k in kinds if k not in found]
         if missing:
-            available = sorted({s.kind for _, t in primed for s in t.report.residual})
+            available = sorted({k for _, t in primed for k in t.report.kinds()})
             raise SiteNotFoundError(
                 f"adapter {name!r}: site(s) {missing} not found in {type(model).__name__}; it has {available}"
                 f"{nearest(missing[0], available)}"
@@ -171,13 +168,6 @@ def inject(
             _apply_plans(model, state)
         raise
     return model
-
-
-def _hidden_size(graph: torch.fx.Graph, node_name: str) -> int:
-    for node in graph.nodes:
-        if node.name == node_name:
-            return int(node.meta["fxadapt_meta"][1][-1])
-    raise KeyError(node_name)  # pragma: no cover - sites always name existing nodes
 
 
 def _placement(layer: nn.Module) -> dict[str, Any]:

@@ -112,12 +112,17 @@ class Emitter:
     def function(self, fn: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
         return self._emit(lambda: self.graph.call_function(fn, args, kwargs or {}))
 
-    def replace(self, site: ResidualSite, new: fx.Node) -> None:
-        """Route every user of the site's output (outside the inserted nodes) to ``new``; drop dead old nodes."""
-        old = self.node(site.output)
+    def replace_node(self, name: str, new: fx.Node) -> None:
+        """Route every user of node ``name`` (outside the inserted nodes) to ``new``; later sites reading
+        ``name`` read ``new``."""
+        old = self.node(name)
         inserted = set(self.inserted)
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inserted)
-        self.aliases[site.output] = new
+        self.aliases[name] = new
+
+    def replace(self, site: ResidualSite, new: fx.Node) -> None:
+        """Route every user of the site's output (outside the inserted nodes) to ``new``; drop dead old nodes."""
+        self.replace_node(site.output, new)
         for name in (site.norm, site.add):
             node = self._nodes.get(name) if name else None
             if node is not None and node.graph is self.graph and not node.users:
@@ -127,14 +132,14 @@ class Emitter:
 def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: tuple[PlanItem, ...]):
     """Rewrite a copy of ``capture.graph`` with ``plan`` and return ``(runner, source)``."""
     graph = copy.deepcopy(capture.graph)
-    sites = report.residual_by_kind()
     aliases: dict[str, fx.Node] = {}
     for item in plan:
-        site = sites.get(item.site)
+        site = report.site(item.site)
         if site is None:
+            kinds = sorted(set(report.kinds()))
             raise SiteNotFoundError(
                 f"site {item.site!r} (adapter {item.adapter!r}) not found in this call of "
-                f"{type(layer).__name__}; this call has {sorted(sites)}{nearest(item.site, sites)}. "
+                f"{type(layer).__name__}; this call has {kinds}{nearest(item.site, kinds)}. "
                 f"Opaque submodules: {list(capture.leaves) or 'none'}"
             )
         emitter = Emitter(graph, layer, item.node_name, aliases)

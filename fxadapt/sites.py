@@ -81,6 +81,7 @@ class ResidualSite:
     x: str  # operand from the residual stream
     norm: str | None  # node name of the post-LN call normalising the add, if any
     producer: str  # module path (or function) producing h
+    hidden_size: int = 0  # last dimension of the residual stream
 
     @property
     def output(self) -> str:
@@ -90,11 +91,13 @@ class ResidualSite:
 
 @dataclass(frozen=True)
 class ModuleSite:
-    """A Linear-like call (``attn.q``, ``ffn.up``, ...)."""
+    """A Linear-like call (``attn.q``, ``ffn.up``, ...); for a fused projection (GPT-2's ``c_attn``), the slice of
+    its output features that is this site's (``attn.q`` = ``c_attn`` outputs ``[0, d)``)."""
 
     kind: str
     module: str  # module path inside the layer
     node: str
+    out_slice: tuple[int, int] | None = None
 
 
 @dataclass
@@ -105,6 +108,12 @@ class SiteReport:
 
     def residual_by_kind(self) -> dict[str, ResidualSite]:
         return {s.kind: s for s in self.residual}
+
+    def module_by_kind(self) -> dict[str, ModuleSite]:
+        return {s.kind: s for s in self.modules}
+
+    def site(self, kind: str) -> ResidualSite | ModuleSite | None:
+        return self.residual_by_kind().get(kind) or self.module_by_kind().get(kind)
 
     def kinds(self) -> list[str]:
         return [s.kind for s in self.residual] + [s.kind for s in self.modules]
@@ -343,7 +352,7 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
             and users[0].args[0] is node
         ):
             norm = users[0].name
-        report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer))
+        report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer, int(shape[-1])))
 
     report.modules = _module_sites(root, graph, scopes, report.residual)
     return report
@@ -376,10 +385,11 @@ def _module_sites(
             todo.extend(_tensor_inputs(n))
         return found
 
-    def add(kind: str, node: fx.Node) -> None:
-        if node.name not in assigned:
-            assigned.add(node.name)
-            sites.append(ModuleSite(kind, str(node.target), node.name))
+    def add(kind: str, node: fx.Node, out_slice: tuple[int, int] | None = None) -> None:
+        if out_slice is None and node.name in assigned:
+            return
+        assigned.add(node.name)
+        sites.append(ModuleSite(kind, str(node.target), node.name, out_slice))
 
     for call in attention_calls:
         scope = _scope_of(_stack_paths(call)[-1] if _stack_paths(call) else "", scopes)
@@ -390,6 +400,9 @@ def _module_sites(
         flat = [p[0] if len(p) == 1 else None for p in producers]
         if flat[0] is not None and flat[0] is flat[1] is flat[2]:
             add(f"{prefix}.qkv", flat[0])
+            for role, arg, out_slice in zip("qkv", qkv, _split_slices(flat[0], qkv)):
+                if arg is not None and out_slice is not None:
+                    add(f"{prefix}.{role}", flat[0], out_slice)
         else:
             for role, p in zip(("q", "k", "v"), flat):
                 if p is not None:
@@ -415,6 +428,40 @@ def _module_sites(
                 add("ffn.gate", gate)
                 add("ffn.up", next(n for n in inner if n is not gate))
     return sites
+
+
+def _split_slices(fused: fx.Node, args: list[fx.Node | None]) -> list[tuple[int, int] | None]:
+    """Output-feature slices of a fused projection that reach each of ``args`` through ``split(...)[i]``."""
+    meta = fused.meta.get("fxadapt_meta")
+    out = [None] * len(args)
+    if not meta:
+        return out
+    width, ndim = meta[1][-1], len(meta[1])
+    for user in fused.users:
+        is_split = (user.op == "call_method" and user.target == "split") or (
+            user.op == "call_function" and user.target is torch.split
+        )
+        if not is_split or len(user.args) < 2:
+            continue
+        dim = user.kwargs.get("dim", user.args[2] if len(user.args) > 2 else 0)
+        if dim not in (-1, ndim - 1):
+            continue
+        size = user.args[1]
+        sizes = list(size) if isinstance(size, (list, tuple)) else [size] * (width // size if size else 0)
+        if not all(isinstance(v, int) for v in sizes) or sum(sizes) != width:
+            continue
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        pieces = {
+            g.args[1]: g for g in user.users if g.target is operator.getitem and isinstance(g.args[1], int)
+        }
+        for j, arg in enumerate(args):
+            if arg is None:
+                continue
+            reach = _ancestors(arg, tensors_only=True) | {arg}
+            hit = [i for i, g in pieces.items() if g in reach]
+            if len(hit) == 1:
+                out[j] = (bounds[hit[0]], bounds[hit[0] + 1])
+    return out
 
 
 def nearest_linears_inputs(node: fx.Node, linear_calls: list[fx.Node]) -> list[fx.Node]:

@@ -17,7 +17,9 @@ from ..errors import ConfigError, nearest
 
 if TYPE_CHECKING:
     from ..rewrite import Emitter
-    from ..sites import SiteReport
+    from ..sites import ModuleSite, ResidualSite
+
+    Site = ResidualSite | ModuleSite
 
 __all__ = [
     "AdapterConfig",
@@ -62,16 +64,12 @@ class Method:
     def applies_to_layer(self, config: AdapterConfig, layer_index: int) -> bool:
         return layer_index not in getattr(config, "leave_out", ())
 
-    def build(
-        self,
-        config: AdapterConfig,
-        site_kind: str,
-        report: SiteReport,
-        layer: nn.Module,
-        layer_index: int,
-        hidden_size: int,
-    ) -> nn.Module:
-        """The module holding this adapter's weights at one site of one layer."""
+    def build(self, config: AdapterConfig, site: Site, layer: nn.Module, layer_index: int) -> nn.Module:
+        """The module holding this adapter's weights at one site of one layer.
+
+        ``site`` is a :class:`~fxadapt.sites.ResidualSite` (with ``hidden_size``) or a
+        :class:`~fxadapt.sites.ModuleSite` (``layer.get_submodule(site.module)`` is the projection).
+        """
         raise NotImplementedError
 
     def rewrite(self, emitter: Emitter, site: Any, target: str, config: AdapterConfig) -> None:

@@ -221,7 +221,8 @@ class BottleneckMethod(Method):
         assert isinstance(config, BottleneckConfig)
         return config.sites
 
-    def build(self, config, site_kind, report, layer, layer_index, hidden_size):  # type: ignore[override]
+    def build(self, config, site, layer, layer_index):  # type: ignore[override]
+        hidden_size = site.hidden_size
         rf = config.reduction_for(layer_index)
         width = int(hidden_size // rf)
         if width < 1 or rf > hidden_size:
