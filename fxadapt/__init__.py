@@ -15,8 +15,10 @@ from .api import (
     explain,
     inject,
     list_adapters,
+    merge,
     remove,
     train_adapter,
+    unmerge,
 )
 from .errors import (
     AdapterNotFoundError,
@@ -51,7 +53,9 @@ __all__ = [
     "inject",
     "list_adapters",
     "load_adapter",
+    "merge",
     "remove",
     "save_adapter",
     "train_adapter",
+    "unmerge",
 ]

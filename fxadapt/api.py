@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import (
@@ -32,8 +33,10 @@ __all__ = [
     "explain",
     "inject",
     "list_adapters",
+    "merge",
     "remove",
     "train_adapter",
+    "unmerge",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -102,6 +105,7 @@ def inject(
         method = method_for(config)
         kinds = method.site_kinds(config)
         placements: dict[int, list[str]] = {}
+        located = {}
         for index, (layer, (_, traced)) in enumerate(zip(layers, primed)):
             if not method.applies_to_layer(config, index):
                 continue
@@ -113,6 +117,7 @@ def inject(
                 module.to(**_placement(layer))
                 staged.append((index, name, kind, module))
                 placements.setdefault(index, []).append(kind)
+                located[(index, kind)] = site
         found = {k for ks in placements.values() for k in ks}
         missing = [k for k in kinds if k not in found]
         if missing:
@@ -121,7 +126,7 @@ def inject(
                 f"adapter {name!r}: site(s) {missing} not found in {type(model).__name__}; it has {available}"
                 f"{nearest(missing[0], available)}"
             )
-        records[name] = AdapterRecord(config, {i: tuple(k) for i, k in placements.items()})
+        records[name] = AdapterRecord(config, {i: tuple(k) for i, k in placements.items()}, located)
 
     # commit, with rollback
     new_state = state is None
@@ -247,12 +252,49 @@ def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     return {n: r.config for n, r in state.adapters.items()} if state is not None else {}
 
 
+def _merge(model: nn.Module, name: str, sign: int) -> None:
+    from .errors import NotMergeableError
+
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    record = state.record(name)
+    method = method_for(record.config)
+    if not method.mergeable:
+        raise NotMergeableError(
+            f"adapter {name!r} ({record.config.method}) cannot be merged into the base weights: it is not a "
+            "linear reparametrisation of them; mergeable methods are LoRA and (IA)^3"
+        )
+    if record.merged == (sign > 0):
+        return
+    _, layers = layers_of(model)
+    with torch.no_grad():
+        for (index, kind), site in record.sites.items():
+            module = layers[index]._modules[CONTAINER][name][site_key(kind)]
+            method.merge(record.config, module, site, layers[index], sign)
+    record.merged = sign > 0
+    _apply_plans(model, state)
+
+
+def merge(model: nn.Module, name: str) -> nn.Module:
+    """Fold adapter ``name`` into the base weights: the forward then costs exactly the base model's."""
+    _merge(model, name, +1)
+    return model
+
+
+def unmerge(model: nn.Module, name: str) -> nn.Module:
+    """Undo :func:`merge`: restore the base weights and run the adapter as graph nodes again."""
+    _merge(model, name, -1)
+    return model
+
+
 def remove(model: nn.Module, name: str) -> nn.Module:
     """Delete adapter ``name`` and its weights. With no adapter left the model is exactly the original."""
     state = get_state(model)
     if state is None:
         raise _no_adapters(model)
-    state.record(name)
+    if state.record(name).merged:
+        unmerge(model, name)
     _, layers = layers_of(model)
     del state.adapters[name]
     state.active = tuple(n for n in state.active if n != name)

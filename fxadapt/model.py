@@ -30,6 +30,10 @@ CONTAINER = "fxadapt"
 class AdapterRecord:
     config: AdapterConfig
     placements: dict[int, tuple[str, ...]]  # layer index -> site kinds
+    sites: dict[tuple[int, str], Any] = field(
+        default_factory=dict
+    )  # (layer, kind) -> ResidualSite/ModuleSite
+    merged: bool = False  # folded into the base weights: not in any plan while merged
 
 
 @dataclass
@@ -153,6 +157,8 @@ def plan_for(state: ModelState, index: int) -> tuple[PlanItem, ...]:
     items = []
     for name in state.active:
         record = state.adapters[name]
+        if record.merged:
+            continue
         for kind in record.placements.get(index, ()):
             items.append(PlanItem(name, kind, f"{CONTAINER}.{name}.{site_key(kind)}", record.config))
     return tuple(items)

@@ -72,6 +72,15 @@ class Method:
         """
         raise NotImplementedError
 
+    def merge(
+        self, config: AdapterConfig, module: nn.Module, site: Site, layer: nn.Module, sign: int
+    ) -> None:
+        """Fold the adapter into the base weights (``sign=+1``) or take it out again (``sign=-1``).
+
+        Only methods with ``mergeable = True`` implement it; the adapter's own weights stay untouched.
+        """
+        raise NotImplementedError
+
     def rewrite(self, emitter: Emitter, site: Any, target: str, config: AdapterConfig) -> None:
         """Insert this adapter at ``site`` of the graph; ``target`` is the module path of its weights."""
         raise NotImplementedError
