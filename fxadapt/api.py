@@ -103,23 +103,22 @@ def inject(
     records: dict[str, AdapterRecord] = {}
     for name, config in items:
         method = method_for(config)
-        kinds = method.site_kinds(config)
         placements: dict[int, list[str]] = {}
         located = {}
+        satisfied: set[str] = set()
         for index, (layer, (_, traced)) in enumerate(zip(layers, primed)):
             if not method.applies_to_layer(config, index):
                 continue
-            for kind in kinds:
-                site = traced.report.site(kind)
-                if site is None:
+            for request, site in method.select_sites(config, traced.report, layer):
+                satisfied.add(request)
+                if site.kind in placements.get(index, ()):
                     continue
                 module = method.build(config, site, layer, index)
                 module.to(**_placement(layer))
-                staged.append((index, name, kind, module))
-                placements.setdefault(index, []).append(kind)
-                located[(index, kind)] = site
-        found = {k for ks in placements.values() for k in ks}
-        missing = [k for k in kinds if k not in found]
+                staged.append((index, name, site.kind, module))
+                placements.setdefault(index, []).append(site.kind)
+                located[(index, site.kind)] = site
+        missing = [r for r in method.requests(config) if r not in satisfied]
         if missing:
             available = sorted({k for _, t in primed for k in t.report.kinds()})
             raise SiteNotFoundError(

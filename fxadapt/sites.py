@@ -105,6 +105,7 @@ class SiteReport:
     residual: list[ResidualSite] = field(default_factory=list)
     modules: list[ModuleSite] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+    linears: dict[str, str] = field(default_factory=dict)  # every Linear-like call: module path -> node name
 
     def residual_by_kind(self) -> dict[str, ResidualSite]:
         return {s.kind: s for s in self.residual}
@@ -113,6 +114,10 @@ class SiteReport:
         return {s.kind: s for s in self.modules}
 
     def site(self, kind: str) -> ResidualSite | ModuleSite | None:
+        """The site of a kind: a residual or module kind, or ``linear:<path>`` for any Linear call by path."""
+        if kind.startswith("linear:"):
+            path = kind[len("linear:") :]
+            return ModuleSite(kind, path, self.linears[path]) if path in self.linears else None
         return self.residual_by_kind().get(kind) or self.module_by_kind().get(kind)
 
     def kinds(self) -> list[str]:
@@ -355,6 +360,9 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
         report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer, int(shape[-1])))
 
     report.modules = _module_sites(root, graph, scopes, report.residual)
+    for node in graph.nodes:
+        if node.op == "call_module" and is_linear_like(_module_of(root, node)):
+            report.linears.setdefault(str(node.target), node.name)
     return report
 
 

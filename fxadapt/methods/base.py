@@ -17,7 +17,7 @@ from ..errors import ConfigError, nearest
 
 if TYPE_CHECKING:
     from ..rewrite import Emitter
-    from ..sites import ModuleSite, ResidualSite
+    from ..sites import ModuleSite, ResidualSite, SiteReport
 
     Site = ResidualSite | ModuleSite
 
@@ -63,6 +63,23 @@ class Method:
 
     def applies_to_layer(self, config: AdapterConfig, layer_index: int) -> bool:
         return layer_index not in getattr(config, "leave_out", ())
+
+    def select_sites(
+        self, config: AdapterConfig, report: SiteReport, layer: nn.Module
+    ) -> list[tuple[str, Site]]:
+        """``(request, site)`` pairs this config attaches to in one layer. A *request* is what the user asked
+        for (a site kind, a module-name pattern ...); a request no layer satisfies is reported as an error.
+        The default selects the sites of :meth:`site_kinds`; ``linear:<path>`` kinds select a projection by path."""
+        out = []
+        for kind in self.site_kinds(config):
+            site = report.site(kind)
+            if site is not None:
+                out.append((kind, site))
+        return out
+
+    def requests(self, config: AdapterConfig) -> tuple[str, ...]:
+        """Everything :meth:`select_sites` may satisfy; default: the site kinds."""
+        return self.site_kinds(config)
 
     def build(self, config: AdapterConfig, site: Site, layer: nn.Module, layer_index: int) -> nn.Module:
         """The module holding this adapter's weights at one site of one layer.
