@@ -274,16 +274,17 @@ def build_schedule(ids: torch.Tensor, num_adapters: int, block_m: int) -> Schedu
     # Σ_g ceil(count_g / block_m) ≤ Σ_g (count_g / block_m + 1) = n / block_m + groups: a host-side bound.
     num_blocks = n // block_m + groups
     b = torch.arange(num_blocks, device=ids.device)
-    grp = torch.searchsorted(
-        blk_end, b, right=True
-    )  # first group whose blocks end after b; == groups if spare
+    # Block b belongs to the first group whose blocks end after b (== groups for the spare blocks at the end).
+    grp = torch.searchsorted(blk_end, b, right=True)
     spare = grp >= groups
     g = grp.clamp(max=groups - 1)
     first_blk = blk_end[g] - nblk[g]
     lo = seg_start[g] + (b - first_blk) * block_m
     hi = seg_start[g] + count[g]
-    lo = torch.where(spare, 0, lo)
-    hi = torch.where(spare, 0, torch.minimum(hi, lo + block_m))
+    lo = torch.where(spare, 0, lo)  # spare blocks: empty range [0, 0)
+    hi = torch.where(
+        spare, 0, torch.minimum(hi, lo + block_m)
+    )  # a block holds at most block_m rows of its group
     i32 = torch.int32
     return Schedule(
         perm=perm,

@@ -142,7 +142,7 @@ def _bn_fwd(
     for d0 in range(0, D, BD):
         dd = d0 + tl.arange(0, BD)
         dmask = dd < D
-        m2 = rmask[:, None] & dmask[None, :]
+        m2 = rmask[:, None] & dmask[None, :]  # real rows × real columns of x, residual and y
         wt = tl.load(
             wu_ptr + a * s_wua + rr[:, None] * s_wur + dd[None, :] * s_wud,
             mask=rmask_r[:, None] & dmask[None, :],
@@ -157,16 +157,12 @@ def _bn_fwd(
         else:
             out = out * sf
         if HAS_RES:
-            res = tl.load(r_ptr + rows[:, None] * s_rm + dd[None, :] * s_rd, mask=m2, other=0.0).to(
-                tl.float32
-            )
+            res_ptrs = r_ptr + rows[:, None] * s_rm + dd[None, :] * s_rd
         else:
-            res = tl.load(x_ptr + rows[:, None] * s_xm + dd[None, :] * s_xd, mask=m2, other=0.0).to(
-                tl.float32
-            )
-        y = tl.where(
-            active, res + out, res
-        )  # passthrough rows: exactly r, even if the adapter math were non-finite
+            res_ptrs = x_ptr + rows[:, None] * s_xm + dd[None, :] * s_xd
+        res = tl.load(res_ptrs, mask=m2, other=0.0).to(tl.float32)
+        # Passthrough rows get exactly r, even if the adapter math on them were non-finite.
+        y = tl.where(active, res + out, res)
         tl.store(y_ptr + rows[:, None] * D + dd[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
 
 
@@ -205,7 +201,7 @@ def _bn_bwd_dh(
             other=0.0,
         )
         acc += mm_split(dyt, wt, DOT_F32)
-    m2 = rmask[:, None] & rmask_r[None, :]
+    m2 = rmask[:, None] & rmask_r[None, :]  # real rows × real rank lanes of the [N, R] h and dh
     h = tl.load(h_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0)
     dh = tl.where(active, acc * act_bwd(h, ACT), 0.0)  # passthrough rows: no adapter, no dh
     tl.store(dh_ptr + rows[:, None] * R + rr[None, :], dh, mask=m2)
@@ -243,8 +239,9 @@ def _bn_bwd_col(
     # This program takes row blocks split, split+SPLIT, … of the group (positions lo … hi−1 in sorted order).
     for start in range(lo + split * BM, hi, SPLIT * BM):
         rows, rmask = seg_rows(start, hi, perm_ptr, BM, HAS_SCHED)
-        m_rd = rmask[:, None] & dmask[None, :]
-        m_rr = rmask[:, None] & rmask_r[None, :]
+        # Lanes past the group's last row, past d or past r load 0 and add nothing to the sums.
+        m_rd = rmask[:, None] & dmask[None, :]  # [BM, BD] tiles of dy, x, dx
+        m_rr = rmask[:, None] & rmask_r[None, :]  # [BM, BR] tiles of h, dh
         dh = tl.load(dh_ptr + rows[:, None] * R + rr[None, :], mask=m_rr, other=0.0)  # fp32 scratch
         dyt = tl.load(dy_ptr + rows[:, None] * s_dym + dd[None, :] * s_dyd, mask=m_rd, other=0.0)
         if NEED_DX:

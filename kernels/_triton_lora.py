@@ -337,11 +337,11 @@ def backward(
     adapters, r = a_bank.shape[0], a_bank.shape[1]
     bm = row_bm(n, r, 1 if ids is None else adapters + 1)
     sched = schedule(ids, adapters, bm)
+    b_as_rk = (b_bank.stride(0), b_bank.stride(2), b_bank.stride(1))  # B[a] read as [r, d_out]
+    # dt = dy·B[a], unscaled, [N, r] fp32: feeds dx (dt·A) and dA (dtᵀx).
+    dt = _rowproj_launch(dy2, b_bank, b_as_rk, r, sched, bm) if need_dx or need_lora else None
     dx = None
     if need_dx:
-        dt = _rowproj_launch(
-            dy2, b_bank, (b_bank.stride(0), b_bank.stride(2), b_bank.stride(1)), r, sched, bm
-        )
         dx = _gemm_launch(
             dy2, weight, (weight.stride(0), weight.stride(1)), d_in, None,  # W as [d_out, d_in]
             dt, a_bank, (a_bank.stride(0), a_bank.stride(1), a_bank.stride(2)),
@@ -349,10 +349,6 @@ def backward(
         )  # fmt: skip
     da = db = ds = None
     if need_lora or need_dscale:
-        if not need_dx:
-            dt = _rowproj_launch(
-                dy2, b_bank, (b_bank.stride(0), b_bank.stride(2), b_bank.stride(1)), r, sched, bm
-            )
         s = _scales(scale, scale_t, adapters, x2.device)
         db_raw = _outer_launch(t, dy2, adapters, sched).transpose(1, 2)  # [A, d_out, r] = Σ dyᵀt
         if need_lora:
