@@ -11,15 +11,22 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from .api import (
     activate,
     active_adapters,
+    active_setup,
     adapter_parameters,
+    add_fusion,
     explain,
+    fusion_parameters,
+    fusion_regularization_loss,
     inject,
     list_adapters,
     merge,
     remove,
+    remove_fusion,
     train_adapter,
+    train_fusion,
     unmerge,
 )
+from .compose import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .errors import (
     AdapterNotFoundError,
     CaptureError,
@@ -31,31 +38,49 @@ from .errors import (
     NotMergeableError,
     SiteNotFoundError,
 )
+from .fusion import FusionConfig
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
+from .methods.ia3 import IA3Config
+from .methods.lora import LoRAConfig
 
 __all__ = [
     "AdapterNotFoundError",
+    "Average",
+    "BatchSplit",
     "BottleneckConfig",
     "CaptureError",
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "Fuse",
+    "FusionConfig",
     "FxAdaptError",
+    "IA3Config",
+    "LoRAConfig",
     "NameCollisionError",
     "NotMergeableError",
+    "Parallel",
     "SiteNotFoundError",
+    "Split",
+    "Stack",
     "__version__",
     "activate",
     "active_adapters",
+    "active_setup",
     "adapter_parameters",
+    "add_fusion",
     "explain",
+    "fusion_parameters",
+    "fusion_regularization_loss",
     "inject",
     "list_adapters",
     "load_adapter",
     "merge",
     "remove",
+    "remove_fusion",
     "save_adapter",
     "train_adapter",
+    "train_fusion",
     "unmerge",
 ]

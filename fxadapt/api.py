@@ -7,35 +7,55 @@ a failed call leaves the model exactly as it was.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .compose import Block, Fuse, Stack, parse_setup, validate
 from .errors import (
+    AdapterNotFoundError,
     CompositionError,
     ConfigError,
     NameCollisionError,
     SiteNotFoundError,
     nearest,
 )
+from .fusion import AdapterFusion, FusionConfig, fusion_config
 from .install import install, layer_state, uninstall
 from .methods.base import AdapterConfig, method_for, preset
-from .model import CONTAINER, AdapterRecord, ModelState, get_state, layers_of, plan_for, prime, set_state
+from .model import (
+    CONTAINER,
+    AdapterRecord,
+    FusionRecord,
+    ModelState,
+    _fuse_blocks,
+    get_state,
+    layers_of,
+    plan_for,
+    prime,
+    set_state,
+)
 from .rewrite import site_key
 
 __all__ = [
     "activate",
     "active_adapters",
+    "active_setup",
     "adapter_parameters",
+    "add_fusion",
     "explain",
+    "fusion_parameters",
+    "fusion_regularization_loss",
     "inject",
     "list_adapters",
     "merge",
     "remove",
+    "remove_fusion",
     "train_adapter",
+    "train_fusion",
     "unmerge",
 ]
 
@@ -153,7 +173,7 @@ def inject(
             container[name][site_key(kind)] = module
         state.adapters.update(records)
         if activate:
-            state.active = tuple(records)
+            state.active = Stack(*records)
         set_state(model, state)
         _apply_plans(model, state)
     except BaseException:
@@ -182,25 +202,21 @@ def _placement(layer: nn.Module) -> dict[str, Any]:
 
 
 def _apply_plans(model: nn.Module, state: ModelState) -> None:
-    _check_setup(state)
+    """Give every layer its plan under the active setup, compiling each once on its known captures so that an
+    invalid setup fails here (and the caller can roll back) instead of in the next forward."""
+    if state.active is not None:
+        validate(state.active, state.adapters)
+        for fuse in _fuse_blocks(state.active):
+            if fuse.name not in state.fusions:
+                raise CompositionError(
+                    f"{fuse!r} has no fusion layers; add them with fxadapt.add_fusion(model, {fuse!r}) first"
+                )
     _, layers = layers_of(model)
     for index, layer in enumerate(layers):
         lstate = layer_state(layer)
         if lstate is not None:
             lstate.set_plan(plan_for(state, index))
-
-
-def _check_setup(state: ModelState) -> None:
-    seen: dict[tuple[int, str], str] = {}
-    for name in state.active:
-        for index, kinds in state.adapters[name].placements.items():
-            for kind in kinds:
-                other = seen.setdefault((index, kind), name)
-                if other != name:
-                    raise CompositionError(
-                        f"adapters {other!r} and {name!r} are both active at site {kind!r} of layer {index}; "
-                        "activate one of them (inject several adapters for one site with activate=False)"
-                    )
+            lstate.warm(layer)
 
 
 def _no_adapters(model: nn.Module) -> Exception:
@@ -211,24 +227,23 @@ def _no_adapters(model: nn.Module) -> Exception:
     )
 
 
-def _names(names: str | Iterable[str] | None) -> tuple[str, ...]:
-    if names is None:
-        return ()
-    if isinstance(names, str):
-        return (names,)
-    return tuple(names)
+def activate(model: nn.Module, setup: str | Sequence[Any] | Block | None) -> nn.Module:
+    """Make ``setup`` the active adapter setup and compile it into the layers.
 
-
-def activate(model: nn.Module, names: str | Sequence[str] | None) -> nn.Module:
-    """Make ``names`` the active adapters (``None`` deactivates all: the model runs as the base model)."""
+    ``setup`` is an adapter name, a list of names (a ``Stack``), a composition block (``Stack``, ``Fuse``,
+    ``Parallel``, ``BatchSplit``, ``Split``, ``Average``), or ``None`` to run the base model (bit-identical).
+    Invalid setups raise :class:`CompositionError` and leave the previous setup active.
+    """
     state = get_state(model)
-    wanted = _names(names)
+    wanted = None if setup is None or (isinstance(setup, (list, tuple)) and not setup) else parse_setup(setup)
     if state is None:
-        if wanted:
+        if wanted is not None:
             raise _no_adapters(model)
         return model
-    for name in wanted:
-        state.record(name)
+    if wanted is not None:
+        for name in wanted.names():
+            if name not in state.adapters:
+                state.record(name)  # raises AdapterNotFoundError with the known names
     previous = state.active
     state.active = wanted
     try:
@@ -240,9 +255,19 @@ def activate(model: nn.Module, names: str | Sequence[str] | None) -> nn.Module:
     return model
 
 
+_activate_setup = activate  # for verbs whose ``activate`` flag shadows the verb
+
+
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """Names of the adapters in the active setup."""
     state = get_state(model)
-    return state.active if state is not None else ()
+    return tuple(state.active.names()) if state is not None and state.active is not None else ()
+
+
+def active_setup(model: nn.Module) -> Block | None:
+    """The active composition setup (``Stack("name")`` for a single adapter), or None."""
+    state = get_state(model)
+    return state.active if state is not None else None
 
 
 def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -296,7 +321,10 @@ def remove(model: nn.Module, name: str) -> nn.Module:
         unmerge(model, name)
     _, layers = layers_of(model)
     del state.adapters[name]
-    state.active = tuple(n for n in state.active if n != name)
+    if state.active is not None and name in state.active.names():
+        state.active = None  # as AdapterHub does: a setup naming a deleted adapter is no longer valid
+    for fuse_name in [f for f, rec in state.fusions.items() if name in rec.children]:
+        _drop_fusion(model, state, fuse_name)
     for layer in layers:
         container = layer._modules.get(CONTAINER)
         if container is not None and name in container:
@@ -310,6 +338,122 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     if not state.adapters:
         set_state(model, None)
     return model
+
+
+def add_fusion(
+    model: nn.Module,
+    setup: Fuse | Sequence[Any],
+    config: str | FusionConfig | dict | None = "dynamic",
+    *,
+    activate: bool = False,
+) -> Fuse:
+    """Add AdapterFusion layers for ``setup`` (a ``Fuse`` or a list of adapter names/Stacks) at every residual
+    site where all fused adapters sit. Returns the ``Fuse`` block (pass it to :func:`activate`)."""
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    fuse = setup if isinstance(setup, Fuse) else Fuse(*setup)
+    validate(Stack(fuse), state.adapters)
+    cfg = fusion_config(config)
+    if fuse.name in state.fusions:
+        raise NameCollisionError(
+            f"a fusion layer for {fuse!r} already exists; remove it with remove_fusion first"
+        )
+    children = tuple(c if isinstance(c, str) else c.last() for c in fuse.children)
+    for child in children:
+        if state.adapters[child].config.method != "bottleneck":
+            raise CompositionError(
+                f"Fuse needs bottleneck adapters; {child!r} is {state.adapters[child].config.method}"
+            )
+    _, layers = layers_of(model)
+    placements: dict[int, tuple[str, ...]] = {}
+    for index in range(len(layers)):
+        common = [set(state.adapters[c].placements.get(index, ())) for c in children]
+        kinds = tuple(
+            k for k in state.adapters[children[0]].placements.get(index, ()) if all(k in c for c in common)
+        )
+        if kinds:
+            placements[index] = kinds
+    if not placements:
+        raise SiteNotFoundError(f"the adapters of {fuse!r} share no site, so there is nowhere to fuse them")
+    dropout = float(getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0)
+    for index, kinds in placements.items():
+        layer = layers[index]
+        modules = nn.ModuleDict()
+        for kind in kinds:
+            site = state.adapters[children[0]].sites[(index, kind)]
+            modules[site_key(kind)] = AdapterFusion(site.hidden_size, cfg, dropout).to(**_placement(layer))
+        layer._modules[CONTAINER][fuse.name] = modules
+    state.fusions[fuse.name] = FusionRecord(cfg, children, placements)
+    if activate:
+        _activate_setup(model, fuse)
+    return fuse
+
+
+def _drop_fusion(model: nn.Module, state: ModelState, fuse_name: str) -> None:
+    _, layers = layers_of(model)
+    for layer in layers:
+        container = layer._modules.get(CONTAINER)
+        if container is not None and fuse_name in container:
+            del container[fuse_name]
+    del state.fusions[fuse_name]
+    if state.active is not None and any(f.name == fuse_name for f in _fuse_blocks(state.active)):
+        state.active = None
+
+
+def remove_fusion(model: nn.Module, setup: Fuse | Sequence[Any]) -> nn.Module:
+    """Delete the fusion layers of ``setup``."""
+    state = get_state(model)
+    fuse = setup if isinstance(setup, Fuse) else Fuse(*setup)
+    if state is None or fuse.name not in state.fusions:
+        raise AdapterNotFoundError(
+            f"no fusion layers for {fuse!r}; existing: {sorted(state.fusions) if state else []}"
+        )
+    _drop_fusion(model, state, fuse.name)
+    _apply_plans(model, state)
+    return model
+
+
+def fusion_parameters(model: nn.Module, setup: Fuse | Sequence[Any]) -> dict[str, nn.Parameter]:
+    state = get_state(model)
+    fuse = setup if isinstance(setup, Fuse) else Fuse(*setup)
+    if state is None or fuse.name not in state.fusions:
+        raise AdapterNotFoundError(f"no fusion layers for {fuse!r}")
+    out = {}
+    for path in state.layer_paths:
+        container = model.get_submodule(path)._modules.get(CONTAINER)
+        if container is not None and fuse.name in container:
+            for pname, p in container[fuse.name].named_parameters():
+                out[f"{path}.{CONTAINER}.{fuse.name}.{pname}"] = p
+    return out
+
+
+def train_fusion(
+    model: nn.Module, setup: Fuse | Sequence[Any], *, unfreeze_adapters: bool = False, train_head: bool = True
+) -> nn.Module:
+    """Train AdapterFusion: freeze everything except the fusion layers of ``setup`` (and the head; the fused
+    adapters too with ``unfreeze_adapters``), activate the setup, set train mode."""
+    fuse = setup if isinstance(setup, Fuse) else Fuse(*setup)
+    trainable = set(map(id, fusion_parameters(model, fuse).values()))
+    if unfreeze_adapters:
+        for name in fuse.names():
+            trainable |= set(map(id, adapter_parameters(model, name).values()))
+    if train_head:
+        trainable |= set(map(id, head_parameters(model).values()))
+    activate(model, fuse)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    model.train()
+    return model
+
+
+def fusion_regularization_loss(model: nn.Module) -> torch.Tensor:
+    """AdapterHub's regulariser for "dynamic" fusion: 0.01 · Σ ||I - W_value||² over all fusion layers."""
+    total = torch.zeros(())
+    for module in model.modules():
+        if isinstance(module, AdapterFusion) and module.config.regularization:
+            total = total + 0.01 * module.regularization_loss().to(total.device)
+    return total
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -426,9 +570,7 @@ def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = Fal
                 leaves=dict(traced.capture.leaf_reasons),
                 rejected=report.rejected if verbose else [],
                 guard_keys=len(lstate.traced) if lstate else 0,
-                plan=[
-                    f"{i.adapter} ({i.config.method}) at {i.site}" for i in (lstate.plan if lstate else ())
-                ],
+                plan=lstate.plan.describe() if lstate else [],
             )
         )
     explanation = Explanation(type(model).__name__, out)

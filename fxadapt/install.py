@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .capture import Capture, flatten_call, guard_key, trace_layer
-from .rewrite import PlanItem, build_runner
+from .rewrite import LayerPlan, build_runner
 from .sites import SiteReport, find_sites
 
 __all__ = ["LayerState", "install", "is_installed", "layer_state", "uninstall"]
@@ -41,7 +41,7 @@ class LayerState:
 
     orig_class: type
     index: int
-    plan: tuple[PlanItem, ...] = ()
+    plan: LayerPlan = field(default_factory=LayerPlan)
     # guard key -> captures for it (several only when captures also differ in baked branch flags)
     traced: dict[tuple, list[Traced]] = field(default_factory=dict)
     runners: dict[tuple, list[tuple[Capture, Callable[[nn.Module, list[Any]], Any], str]]] = field(
@@ -60,7 +60,7 @@ class LayerState:
 
         return LayerState(self.orig_class, self.index, copy.deepcopy(self.plan, memo))
 
-    def set_plan(self, plan: tuple[PlanItem, ...]) -> None:
+    def set_plan(self, plan: LayerPlan) -> None:
         if plan != self.plan:
             self.plan = plan
             self.runners.clear()
@@ -94,6 +94,17 @@ class LayerState:
         runner, source = build_runner(layer, traced.capture, traced.report, self.plan)
         self.runners.setdefault(key, []).append((traced.capture, runner, source))
         return runner
+
+    def warm(self, layer: nn.Module) -> None:
+        """Compile the plan for the first known capture now, so an invalid plan fails at activation time."""
+        if not self.plan or not self.traced:
+            return
+        key, traced_list = next(iter(self.traced.items()))
+        traced = traced_list[0]
+        if any(capture is traced.capture for capture, _, _ in self.runners.get(key, ())):
+            return
+        runner, source = build_runner(layer, traced.capture, traced.report, self.plan)
+        self.runners.setdefault(key, []).append((traced.capture, runner, source))
 
     def sources(self) -> list[str]:
         """Generated code of every compiled specialisation (for ``explain`` and debugging)."""

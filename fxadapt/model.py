@@ -14,13 +14,22 @@ import torch
 from torch import nn
 
 from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer
+from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
 from .install import LayerState, Traced, layer_state
 from .methods.base import AdapterConfig
-from .rewrite import PlanItem, site_key
+from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
 from .sites import find_sites
 
-__all__ = ["AdapterRecord", "ModelState", "default_example_inputs", "get_state", "layers_of", "prime"]
+__all__ = [
+    "AdapterRecord",
+    "FusionRecord",
+    "ModelState",
+    "default_example_inputs",
+    "get_state",
+    "layers_of",
+    "prime",
+]
 
 _MODEL_STATE = "_fxadapt_model"
 CONTAINER = "fxadapt"
@@ -37,10 +46,18 @@ class AdapterRecord:
 
 
 @dataclass
+class FusionRecord:
+    config: Any  # FusionConfig
+    children: tuple[str, ...]  # the fused adapters' names (for a Fuse of Stacks: each Stack's last adapter)
+    placements: dict[int, tuple[str, ...]]  # layer index -> residual site kinds
+
+
+@dataclass
 class ModelState:
     layer_paths: list[str]
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
+    active: Block | None = None
+    fusions: dict[str, FusionRecord] = field(default_factory=dict)
 
     def record(self, name: str) -> AdapterRecord:
         if name not in self.adapters:
@@ -153,12 +170,36 @@ def prime(
     return out
 
 
-def plan_for(state: ModelState, index: int) -> tuple[PlanItem, ...]:
-    items = []
-    for name in state.active:
+def plan_for(state: ModelState, index: int) -> LayerPlan:
+    """What layer ``index`` runs under the active setup."""
+    setup = state.active
+    if setup is None:
+        return LayerPlan()
+    sites: dict[str, list[AdapterRef]] = {}
+    for name in setup.names():
         record = state.adapters[name]
         if record.merged:
             continue
         for kind in record.placements.get(index, ()):
-            items.append(PlanItem(name, kind, f"{CONTAINER}.{name}.{site_key(kind)}", record.config))
-    return tuple(items)
+            sites.setdefault(kind, []).append(
+                AdapterRef(name, f"{CONTAINER}.{name}.{site_key(kind)}", record.config)
+            )
+    fusions: dict[str, list[tuple[str, str, Any]]] = {}
+    for fuse in _fuse_blocks(setup):
+        record = state.fusions.get(fuse.name)
+        if record is None:
+            continue
+        for kind in record.placements.get(index, ()):
+            fusions.setdefault(kind, []).append(
+                (fuse.name, f"{CONTAINER}.{fuse.name}.{site_key(kind)}", record.config)
+            )
+    first = state.layer_paths[index].rsplit(".", 1)[-1] == "0"
+    plans = tuple(SitePlan(kind, tuple(refs), tuple(fusions.get(kind, ()))) for kind, refs in sites.items())
+    return LayerPlan(setup, plans, parallel_channels(setup), first)
+
+
+def _fuse_blocks(setup: Block | str) -> list[Fuse]:
+    if isinstance(setup, str):
+        return []
+    own = [setup] if isinstance(setup, Fuse) else []
+    return own + [f for c in setup.children for f in _fuse_blocks(c)]

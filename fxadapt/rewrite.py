@@ -1,9 +1,9 @@
 """Rewrite: plan → insert adapter nodes into a copy of a captured graph → lint → generated code.
 
-A *plan* is the tuple of :class:`PlanItem` active in one layer: which adapter (weights at ``target``) attaches
-at which site, with which method. Methods insert their nodes through :class:`Emitter`, which keeps the new
-nodes in order right after the site, rewires the site's users to the new output and drops the nodes the
-rewrite made dead. After every rewrite the graph is linted.
+A :class:`LayerPlan` says what is active in one layer: the active setup (a composition block) and, per site,
+which adapters of it sit there (:class:`SitePlan`). Each site's method emits its nodes through :class:`Emitter`
+(``Method.compose_site``), which keeps the new nodes in order right after the site, rewires the site's users to
+the new output and drops nodes the rewrite made dead. After every rewrite the graph is linted.
 
 For ``seq_bn`` at ``ffn.out`` of a BERT layer the generated code reads::
 
@@ -29,11 +29,12 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import Capture, compile_graph
-from .errors import SiteNotFoundError, nearest
+from .compose import Block, replicate_batch
+from .errors import CompositionError, SiteNotFoundError, nearest
 from .methods.base import AdapterConfig, method_for
 from .sites import ResidualSite, SiteReport
 
-__all__ = ["Emitter", "PlanItem", "build_runner", "site_key"]
+__all__ = ["AdapterRef", "Emitter", "LayerPlan", "SitePlan", "build_runner", "site_key"]
 
 
 def site_key(kind: str) -> str:
@@ -42,17 +43,38 @@ def site_key(kind: str) -> str:
 
 
 @dataclass(frozen=True)
-class PlanItem:
-    """One adapter at one site of one layer."""
+class AdapterRef:
+    """One adapter's weights at one site: name, module path inside the layer, config."""
 
-    adapter: str
-    site: str
-    target: str  # module path of the adapter's weights inside the layer
+    name: str
+    target: str
     config: AdapterConfig
 
-    @property
-    def node_name(self) -> str:
-        return f"{self.adapter}_{self.config.method}_{site_key(self.site)}"
+    def node_name(self, site: str) -> str:
+        return f"{self.name}_{self.config.method}_{site_key(site)}"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    site: str
+    adapters: tuple[AdapterRef, ...]  # the setup's adapters present at this site, in setup order
+    fusions: tuple[tuple[str, str, Any], ...] = ()  # (fuse name, module path, fusion config) present here
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Everything active in one layer; empty plans run the original eager forward."""
+
+    setup: Block | None = None
+    sites: tuple[SitePlan, ...] = ()
+    parallel: int = 1  # batch replicas (Parallel blocks)
+    first_layer: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.sites)
+
+    def describe(self) -> list[str]:
+        return [f"{ref.name} ({ref.config.method}) at {sp.site}" for sp in self.sites for ref in sp.adapters]
 
 
 class Emitter:
@@ -95,16 +117,22 @@ class Emitter:
     def mul(self, a: fx.Node, b: Any) -> fx.Node:
         return self._emit(lambda: self.graph.call_function(operator.mul, (a, b)))
 
+    def getitem(self, a: fx.Node, index: Any) -> fx.Node:
+        return self._emit(lambda: self.graph.call_function(operator.getitem, (a, index)))
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        return self._emit(lambda: self.graph.call_method(name, args, kwargs))
+
     def norm(self, like: fx.Node, value: fx.Node) -> fx.Node:
         """Call the same norm module as ``like`` (a call_module node) on ``value``."""
         return self._emit(
             lambda: self.graph.call_module(str(like.target), (value, *like.args[1:]), dict(like.kwargs))
         )
 
-    def call(self, target: str, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    def call(self, target: str, args: tuple, kwargs: dict | None = None, name: str | None = None) -> fx.Node:
         def make() -> fx.Node:
             node = self.graph.call_module(target, args, kwargs or {})
-            node.name = self.graph._graph_namespace.create_name(self.name, node)
+            node.name = self.graph._graph_namespace.create_name(name or self.name, node)
             return node
 
         return self._emit(make)
@@ -125,25 +153,51 @@ class Emitter:
         self.replace_node(site.output, new)
         for name in (site.norm, site.add):
             node = self._nodes.get(name) if name else None
-            if node is not None and node.graph is self.graph and not node.users:
+            if node is not None and not node.users and node in self.graph.nodes:
                 self.graph.erase_node(node)
 
 
-def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: tuple[PlanItem, ...]):
+def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> None:
+    """Parallel: replicate the layer's tensor inputs to ``plan.parallel`` copies of the batch, first thing."""
+    placeholders = [
+        n for n in graph.nodes if n.op == "placeholder" and n.meta.get("fxadapt_kind") == "tensor"
+    ]
+    if not placeholders:
+        return
+    with graph.inserting_after(placeholders[-1]):
+        rep = graph.call_function(replicate_batch, (plan.parallel, plan.first_layer, *placeholders))
+    cursor = rep
+    for i, ph in enumerate(placeholders):
+        with graph.inserting_after(cursor):
+            item = graph.call_function(operator.getitem, (rep, i))
+        cursor = item
+        ph.replace_all_uses_with(item, delete_user_cb=lambda user: user is not rep)
+
+
+def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: LayerPlan):
     """Rewrite a copy of ``capture.graph`` with ``plan`` and return ``(runner, source)``."""
     graph = copy.deepcopy(capture.graph)
+    if plan.parallel > 1:
+        _replicate_inputs(graph, plan)
     aliases: dict[str, fx.Node] = {}
-    for item in plan:
-        site = report.site(item.site)
+    for site_plan in plan.sites:
+        site = report.site(site_plan.site)
         if site is None:
             kinds = sorted(set(report.kinds()))
             raise SiteNotFoundError(
-                f"site {item.site!r} (adapter {item.adapter!r}) not found in this call of "
-                f"{type(layer).__name__}; this call has {kinds}{nearest(item.site, kinds)}. "
+                f"site {site_plan.site!r} (adapters {[a.name for a in site_plan.adapters]}) not found in this call "
+                f"of {type(layer).__name__}; this call has {kinds}{nearest(site_plan.site, kinds)}. "
                 f"Opaque submodules: {list(capture.leaves) or 'none'}"
             )
-        emitter = Emitter(graph, layer, item.node_name, aliases)
-        method_for(item.config).rewrite(emitter, site, item.target, item.config)
+        methods = {method_for(ref.config).name: method_for(ref.config) for ref in site_plan.adapters}
+        if len(methods) > 1:
+            raise CompositionError(
+                f"adapters of different methods {sorted(methods)} are active at site {site_plan.site!r}; "
+                "compose adapters of one method per site"
+            )
+        (method,) = methods.values()
+        emitter = Emitter(graph, layer, site_plan.adapters[0].node_name(site_plan.site), aliases)
+        method.compose_site(emitter, site, plan.setup, site_plan)
     graph.lint()
     code = compile_graph(graph)
     return capture.bind(code), code.__fxadapt_src__

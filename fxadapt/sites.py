@@ -403,7 +403,7 @@ def _module_sites(
         scope = _scope_of(_stack_paths(call)[-1] if _stack_paths(call) else "", scopes)
         prefix = "cross" if scope is not None and scope.cross else "attn"
         first = 1 if is_attention_function(call) else 0  # HF functions take the module first
-        qkv = [a if isinstance(a, fx.Node) else None for a in call.args[first : first + 3]]
+        qkv = [_through_cache(a) if isinstance(a, fx.Node) else None for a in call.args[first : first + 3]]
         producers = [nearest_linears(a) if a is not None else [] for a in qkv]
         flat = [p[0] if len(p) == 1 else None for p in producers]
         if flat[0] is not None and flat[0] is flat[1] is flat[2]:
@@ -436,6 +436,22 @@ def _module_sites(
                 add("ffn.gate", gate)
                 add("ffn.up", next(n for n in inner if n is not gate))
     return sites
+
+
+def _through_cache(node: fx.Node) -> fx.Node:
+    """``cache.update(key, value, ...)[i]`` → the key (i=0) or value (i=1) states written into the cache, so that
+    k/v projections are found when the layer runs with a cache (``use_cache=True``, generation)."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] in (0, 1):
+        update = node.args[0]
+        if (
+            isinstance(update, fx.Node)
+            and update.op == "call_method"
+            and update.target == "update"
+            and len(update.args) >= 3
+            and isinstance(update.args[1 + node.args[1]], fx.Node)
+        ):
+            return update.args[1 + node.args[1]]  # type: ignore[return-value]
+    return node
 
 
 def _split_slices(fused: fx.Node, args: list[fx.Node | None]) -> list[tuple[int, int] | None]:

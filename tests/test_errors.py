@@ -133,11 +133,15 @@ def test_model_without_layers():
     assert get_state(model) is None
 
 
-def test_conflicting_active_adapters_roll_back(adapted):
+def test_invalid_setup_rolls_back(adapted):
     fxadapt.inject(adapted, {"b": "par_bn"}, activate=False)
     snap = Snapshot(adapted)
-    with pytest.raises(fxadapt.CompositionError, match=r"'a' and 'b' are both active at site 'ffn.out'"):
-        fxadapt.activate(adapted, ["a", "b"])
+    with pytest.raises(fxadapt.CompositionError, match=r"cannot nest Parallel inside Fuse"):
+        fxadapt.activate(adapted, fxadapt.Fuse("a", fxadapt.Parallel("a", "b")))
+    with pytest.raises(fxadapt.CompositionError, match=r"Fuse\('a', 'b'\) has no fusion layers"):
+        fxadapt.activate(adapted, fxadapt.Fuse("a", "b"))
+    with pytest.raises(fxadapt.AdapterNotFoundError, match=r"no adapter named 'c'"):
+        fxadapt.activate(adapted, fxadapt.Stack("a", fxadapt.Average("b", "c")))
     snap.assert_unchanged()
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConfigError, nearest
 
 if TYPE_CHECKING:
-    from ..rewrite import Emitter
+    from ..rewrite import Emitter, SitePlan
     from ..sites import ModuleSite, ResidualSite, SiteReport
 
     Site = ResidualSite | ModuleSite
@@ -97,6 +97,21 @@ class Method:
         Only methods with ``mergeable = True`` implement it; the adapter's own weights stay untouched.
         """
         raise NotImplementedError
+
+    def compose_site(self, emitter: Emitter, site: Site, setup: Any, plan: SitePlan) -> None:
+        """Emit the active setup's adapters at one site. The default supports a flat ``Stack`` (each adapter's
+        :meth:`rewrite` in setup order); methods with richer composition override it (see ``bottleneck.py``)."""
+        from ..compose import Stack
+
+        if not (isinstance(setup, Stack) and all(isinstance(c, str) for c in setup.children)):
+            from ..errors import CompositionError
+
+            raise CompositionError(
+                f"{self.name} adapters support only Stack(...) of adapter names at a site, not {setup!r}"
+            )
+        for ref in plan.adapters:
+            emitter.name = ref.node_name(site.kind)
+            self.rewrite(emitter, site, ref.target, ref.config)
 
     def rewrite(self, emitter: Emitter, site: Any, target: str, config: AdapterConfig) -> None:
         """Insert this adapter at ``site`` of the graph; ``target`` is the module path of its weights."""

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, nearest
+from ..compose import Composer, Fuse, check_size, compose
+from ..errors import CompositionError, ConfigError, nearest
 from ..sites import RESIDUAL_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -198,18 +200,23 @@ class Bottleneck(nn.Module):
                 nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
                 lin.bias.zero_()
 
-    def forward(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, residual: torch.Tensor | None = None, return_up: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's output; with ``return_up`` also the scaled up-projection (what AdapterFusion attends)."""
         inner = self.norm_before(z) if self.norm_before is not None else z
-        out = self.dropout(self.up(self.act(self.down(inner))) * self.scaling)
+        up = self.up(self.act(self.down(inner))) * self.scaling
+        out = self.dropout(up)
         if self.parallel:
-            return self.norm_after(out) if self.norm_after is not None else out
-        if self.residual_before_norm:
-            out = out + residual
-        if self.norm_after is not None:
-            out = self.norm_after(out)
-        if not self.residual_before_norm:
-            out = out + residual
-        return out
+            out = self.norm_after(out) if self.norm_after is not None else out
+        else:
+            if self.residual_before_norm:
+                out = out + residual
+            if self.norm_after is not None:
+                out = self.norm_after(out)
+            if not self.residual_before_norm:
+                out = out + residual
+        return (out, up) if return_up else out
 
 
 @register_method
@@ -232,31 +239,164 @@ class BottleneckMethod(Method):
             )
         return Bottleneck(hidden_size, width, config)
 
-    def rewrite(self, emitter, site, target, config):  # type: ignore[override]
+    def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
         e = emitter
+        refs = {ref.name: ref for ref in plan.adapters}
+        composer = _BottleneckComposer(
+            e, site, refs, {name: (target, cfg) for name, target, cfg in plan.fusions}
+        )
         h, x = e.node(site.h), e.node(site.x)
-        norm = e.node(site.norm) if site.norm else None
         with e.after(site.output):
-            if config.is_parallel:
-                a = e.call(target, (x,))
-                y = e.add(a, h)
-            else:
-                residual = h
-                if config.original_ln_before:
-                    added = e.add(h, x)
-                    if config.residual_before_ln == "post_add":
-                        residual = added
-                    z = e.norm(norm, added) if norm is not None else added
-                else:
-                    z = h
-                if config.residual_before_ln is False:
-                    residual = z
-                y = e.call(target, (z, residual))
-            if config.original_ln_after:
-                y = e.add(y, x)
-                if norm is not None:
-                    y = e.norm(norm, y)
+            state = compose(composer, setup, _State(h, x, x, None, None))
+            last = refs[state.last or next(reversed(refs))].config
+            y = state.hidden
+            if last.is_parallel:
+                y = e.add(y, h)
+            if last.original_ln_after:
+                y = e.add(y, state.input)
+                if composer.norm is not None:
+                    y = e.norm(composer.norm, y)
         e.replace(site, y)
+
+
+class _State(NamedTuple):
+    """AdapterHub's BottleneckState, over graph nodes."""
+
+    hidden: Any
+    input: Any
+    residual: Any
+    up: Any
+    last: str | None
+
+
+class _BottleneckComposer(Composer[_State]):
+    """State hooks of bottleneck adapters at one residual site (AdapterHub's ``BottleneckLayer``)."""
+
+    def __init__(self, emitter, site, refs, fusions):
+        self.e = emitter
+        self.refs = refs
+        self.fusions = fusions
+        self.norm = emitter.node(site.norm) if site.norm else None
+        self.site = site
+        self._fuse_depth = 0
+
+    def present(self, name: str) -> bool:
+        return name in self.refs
+
+    def _pre_forward(self, name: str, state: _State) -> tuple[_State, Any]:
+        """``Adapter.pre_forward``: (state with the adapter's input and residual, pre-norm hidden for queries)."""
+        config = self.refs[name].config
+        e, hidden = self.e, state.hidden
+        if config.is_parallel:
+            return state._replace(hidden=state.input, residual=state.input), state.input
+        residual = hidden if config.residual_before_ln is True else state.residual
+        before = hidden
+        if config.original_ln_before:
+            hidden = e.add(hidden, state.input)
+            if config.residual_before_ln == "post_add":
+                residual = hidden
+            if self.norm is not None:
+                hidden = e.norm(self.norm, hidden)
+        if config.residual_before_ln is False:
+            residual = hidden
+        return state._replace(hidden=hidden, residual=residual), before
+
+    def pre_block(self, setup, state: _State) -> _State:
+        name = setup if isinstance(setup, str) else next(n for n in setup.names() if n in self.refs)
+        return self._pre_forward(name, state)[0]
+
+    def single(self, name: str, state: _State) -> _State:
+        ref = self.refs[name]
+        args = (state.hidden, state.residual)
+        if self._fuse_depth:
+            both = self.e.call(ref.target, args, {"return_up": True}, name=ref.node_name(self.site.kind))
+            out, up = self.e.getitem(both, 0), self.e.getitem(both, 1)
+        else:
+            out, up = self.e.call(ref.target, args, name=ref.node_name(self.site.kind)), None
+        return state._replace(hidden=out, up=up, last=name)
+
+    def pre_fuse(self, setup: Fuse, state: _State) -> tuple[_State, Any]:
+        if setup.name not in self.fusions:
+            raise CompositionError(
+                f"no fusion layer for {setup!r} at site {self.site.kind!r}; add one with "
+                f"fxadapt.add_fusion(model, {setup!r})"
+            )
+        last = setup.last() if setup.last() in self.refs else next(n for n in setup.names() if n in self.refs)
+        fused, before = self._pre_forward(last, state)
+        fusion_config = self.fusions[setup.name][1]
+        self._fuse_depth += 1
+        return fused, (before if fusion_config.query_before_ln else fused.hidden)
+
+    def fuse(self, setup: Fuse, state: _State, children: list[_State], query: Any) -> _State:
+        self._fuse_depth -= 1
+        target, _ = self.fusions[setup.name]
+        ups = self.e.function(torch.stack, ([c.up for c in children],), {"dim": 2})
+        out = self.e.call(
+            target, (query, ups, state.residual), name=f"fusion_{self.site.kind.replace('.', '_')}"
+        )
+        return state._replace(hidden=out, last=setup.last())
+
+    def vslice(self, state: _State, index: Any) -> _State:
+        g = self.e.getitem
+        return _State(
+            g(state.hidden, index),
+            g(state.input, index),
+            g(state.residual, index),
+            g(state.up, index) if state.up is not None else None,
+            state.last,
+        )
+
+    def hslice(self, state: _State, index: Any) -> _State:
+        key = (slice(None), index)
+        g = self.e.getitem
+        return _State(
+            g(state.hidden, key),
+            g(state.input, key),
+            g(state.residual, key),
+            g(state.up, key) if state.up is not None else None,
+            state.last,
+        )
+
+    def cat(self, states: list[_State], dim: int, base: _State) -> _State:
+        def cat(nodes):
+            return self.e.function(torch.cat, (list(nodes),), {"dim": dim})
+
+        last = next((s.last for s in reversed(states) if s.last), base.last)
+        if dim == 1:  # Split: only the hidden states are reassembled (AdapterHub's compose_split)
+            return base._replace(hidden=cat(s.hidden for s in states), last=last)
+        ups = [s.up for s in states]
+        return _State(
+            cat(s.hidden for s in states),
+            cat(s.input for s in states),
+            cat(s.residual for s in states),
+            cat(ups) if all(u is not None for u in ups) else None,
+            last,
+        )
+
+    def mean(self, states: list[_State], weights: tuple[float, ...]) -> _State:
+        hidden = self.e.function(weighted_mean, ([s.hidden for s in states], weights))
+        return states[0]._replace(hidden=hidden, last=states[-1].last)
+
+    def batch_size(self, state: _State) -> Any:
+        return self.e.method("size", state.hidden, 0)
+
+    def seq_len(self, state: _State) -> Any:
+        return self.e.method("size", state.hidden, 1)
+
+    def per_replica(self, state: _State, n: int) -> Any:
+        return self.e.function(operator.floordiv, (self.batch_size(state), n))
+
+    def check(self, value: Any, expected: int, what: str) -> None:
+        self.e.function(check_size, (value, expected, what))
+
+
+def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
+    """AdapterHub's Average: ``mean(stack(hiddens) * weights)`` (the mean divides by the count once more)."""
+    stacked = torch.stack(hiddens, 0)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(
+        -1, *([1] * (stacked.dim() - 1))
+    )
+    return torch.mean(stacked * w, dim=0)
 
 
 def _preset(**kw: Any):
