@@ -377,6 +377,8 @@ class Bench:
                 ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=provider)
             if logx:
                 ax.set_xscale("log", base=2)
+            if metric.endswith("_ms"):
+                ax.set_yscale("log")  # times span orders of magnitude across a sweep
             ax.set_xlabel(x)
             ax.set_ylabel(metric)
             label = ",".join(f"{k}={v}" for k, v in rest)

@@ -302,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=float("inf"), help="stop starting new shapes after this"
     )
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU runs: torch threads (1 is the least noisy on a shared CPU)",
+    )
     args = ap.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     unknown = set(modes) - set(MODES)
@@ -311,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench("kernels")
     on_gpu = bench.device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+        bench.note(f"torch.set_num_threads({args.threads})")
     fused = on_gpu and K.can_use_triton(torch.empty(1, device=bench.device, dtype=torch.bfloat16))[0]
     if not on_gpu:
         bench.note("CPU run: reference providers only (the fused ops would run the reference fallback here)")
