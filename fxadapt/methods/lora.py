@@ -12,14 +12,15 @@ slice ``[start, stop)`` of the output features: the update touches only that sli
 as AdapterHub's ``LoRAMergedLinear`` does with its ``lora_ind`` padding.
 
 The rewrite inserts one call of the adapter module right after the projection's call and reroutes the users of the
-projection output. For LoRA on ``attn.q`` of a BERT layer the generated code reads::
+projection output. For LoRA on ``attn.q`` and (IA)^3 on ``attn.k`` of a BERT layer the generated code reads::
 
     attention_self_query = self.attention.self.query(hidden_states)
-    a_lora_attn_q = getattr(self.fxadapt, "a").attn_q(hidden_states)
-    add = attention_self_query + a_lora_attn_q
-    view = add.view(...)                          # was: attention_self_query.view(...)
-
-and for (IA)^3 on ``attn.k``: ``mul = attention_self_key * getattr(self.fxadapt, "a").attn_k()``.
+    fxadapt_a_attn_q = self.fxadapt.a.attn_q(hidden_states)          # s · B A dropout(x)
+    add_2 = attention_self_query + fxadapt_a_attn_q
+    view = add_2.view(getitem_1, getitem_2, -1, 8)                   # was: attention_self_query.view(...)
+    ...
+    fxadapt_b_attn_k = self.fxadapt.b.attn_k()                       # alpha · B
+    mul = attention_self_key * fxadapt_b_attn_k
 
 Both are linear reparametrisations of the projection, so :meth:`LoRAMethod.merge` folds them into its weight
 (``W ± s·B A`` on the slice's rows; rows and bias scaled by ``s·B`` or divided by it), respecting HF's ``Conv1D``
