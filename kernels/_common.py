@@ -19,6 +19,7 @@ import difflib
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -89,19 +90,31 @@ def kernel_module(name: str) -> ModuleType:
     module = _loaded.get(name)
     if module is None:
         module = importlib.import_module(f"{__package__}._triton_{name}")
+        if interpreting() != module.INTERPRETED:
+            # Our kernels were jitted in one mode and Triton's library in the other: every launch would fail.
+            raise RuntimeError(
+                "fxadapt.kernels: TRITON_INTERPRET changed between `import triton` and the first kernel use; "
+                "set it (or not) before anything imports triton"
+            )
         _loaded[name] = module
     return module
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels run in the interpreter.
-
-    Once a kernel module is loaded its jitted functions are fixed, so their type is the truth; before that, the
-    environment variable is (Triton accepts "1", "true", "on", "yes").
-    """
-    for module in _loaded.values():
-        return bool(module.INTERPRETED)
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter in this process.
+
+    Triton fixes the mode when ``triton.language`` is first imported: its own jitted library functions (``tl.zeros``,
+    ``tl.sum``, …) become interpreted only if ``TRITON_INTERPRET=1`` was set by then. So once it is imported, its
+    functions' type is the truth (``torch.compile``/Dynamo import Triton early); before that, the variable is.
+    """
+    lang = sys.modules.get("triton.language")
+    if lang is not None:
+        return type(getattr(lang, "zeros", None)).__name__ == "InterpretedFunction"
+    return _env_interpret()
 
 
 def can_use_triton(
@@ -138,6 +151,11 @@ def can_use_triton(
     if x.device.type == "cpu":
         if mode == "triton" and interpreting():
             return True, "Triton kernels in the interpreter (TRITON_INTERPRET=1, forced)"
+        if mode == "triton" and _env_interpret():
+            return False, (
+                "TRITON_INTERPRET=1 was set after triton was imported (torch.compile/Dynamo import it), so the "
+                "interpreter is off in this process; set it before anything imports triton"
+            )
         if mode == "triton":
             return False, "Triton forced but the tensor is on cpu and TRITON_INTERPRET=1 was not set"
         return False, (

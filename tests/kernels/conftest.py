@@ -1,9 +1,12 @@
 """Kernel tier setup: run the Triton kernels on CPU through the interpreter and force the Triton path.
 
-``TRITON_INTERPRET`` must be set before Triton compiles anything (``@triton.jit`` reads it), hence the module-level
-``setdefault`` here: it is a no-op where the caller chose (``TRITON_INTERPRET=0`` on a GPU machine runs the same
-tests on CUDA). The kernel modules themselves are imported lazily by ``fxadapt.kernels`` on first use, so it does
-not matter whether other test directories imported ``fxadapt`` earlier.
+``TRITON_INTERPRET`` must be set before ``triton.language`` is first imported (Triton fixes the mode of its own
+jitted library then), hence the module-level ``setdefault`` here: a no-op where the caller chose
+(``TRITON_INTERPRET=0`` on a GPU machine runs the same tests on CUDA). In a whole-suite run this conftest is loaded
+when pytest reaches ``tests/kernels/``, which sorts before the ``tests/test_*.py`` modules that import
+``fxadapt`` (and, through ``torch.compiler``/Dynamo, Triton). If something imported Triton earlier anyway, the
+interpreter is off for the process and every Triton test is skipped with that reason (see ``_force_triton``);
+run ``pytest tests/kernels`` on its own then, or set ``TRITON_INTERPRET=1`` in a root conftest.
 
 The only global state touched: that environment variable, and the kernels' backend flag (forced to "triton" for
 each test by the autouse fixture, restored afterwards). Test modules that exercise the reference path on purpose

@@ -193,6 +193,28 @@ def test_everything_works_without_triton():
     assert done.returncode == 0, done.stderr
 
 
+def test_interpreter_requested_too_late_is_reported():
+    """TRITON_INTERPRET=1 set after Triton was imported leaves the interpreter off: say so, never crash in a kernel."""
+    done = _python("""
+        import os
+        import triton.language  # what torch.compile / Dynamo do on import
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        import fxadapt.kernels as K
+        x = torch.randn(3, 8)
+        with K.force_triton():
+            ok, why = K.can_use_triton(x)
+            assert not ok and "set after triton was imported" in why, why
+            try:
+                K.bottleneck(x, torch.randn(2, 8), None, torch.randn(8, 2), None, 1.0)
+            except RuntimeError as exc:
+                assert "set after triton was imported" in str(exc)
+            else:
+                raise AssertionError("a forced backend that cannot run must raise")
+    """)
+    assert done.returncode == 0, done.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The multi-adapter schedule (pure torch).
 @kernel_settings(60)
