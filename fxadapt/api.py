@@ -134,7 +134,7 @@ def inject(
                 if site.kind in placements.get(index, ()):
                     continue
                 module = method.build(config, site, layer, index)
-                module.to(**_placement(layer))
+                module.to(**_placement(layer)).train(layer.training)  # new modules follow the model's mode
                 staged.append((index, name, site.kind, module))
                 placements.setdefault(index, []).append(site.kind)
                 located[(index, site.kind)] = site
@@ -382,7 +382,8 @@ def add_fusion(
         modules = nn.ModuleDict()
         for kind in kinds:
             site = state.adapters[children[0]].sites[(index, kind)]
-            modules[site_key(kind)] = AdapterFusion(site.hidden_size, cfg, dropout).to(**_placement(layer))
+            fusion = AdapterFusion(site.hidden_size, cfg, dropout).to(**_placement(layer))
+            modules[site_key(kind)] = fusion.train(layer.training)
         layer._modules[CONTAINER][fuse.name] = modules
     state.fusions[fuse.name] = FusionRecord(cfg, children, placements)
     if activate:

@@ -39,7 +39,7 @@ __all__ = [
     "restrict",
 ]
 
-MAX_DEPTH = 3
+MAX_DEPTH = 3  # levels of blocks below the setup itself
 
 
 @dataclass(frozen=True, init=False)
@@ -221,17 +221,14 @@ def validate(setup: Block, known: Iterable[str]) -> None:
                         f"{nearest(child, known)}"
                     )
             else:
-                if isinstance(child, Parallel) and not (isinstance(block, Stack) and depth == 1):
+                if isinstance(child, Parallel) and not (isinstance(block, Stack) and depth == 0):
                     raise CompositionError(
                         f"Parallel must be the setup itself or directly inside the top-level Stack, not inside "
                         f"{type(block).__name__} in {setup!r}"
                     )
                 walk(child, depth + 1)
 
-    if isinstance(setup, Parallel):
-        walk(setup, 1)
-    else:
-        walk(setup, 1)
+    walk(setup, 0)
 
 
 def parallel_channels(setup: Block | str) -> int:
@@ -267,6 +264,10 @@ class Composer(Generic[S]):
     def single(self, name: str, state: S) -> S:
         raise NotImplementedError
 
+    def has_fusion(self, setup: Fuse) -> bool:
+        """Whether this site has fusion layers for ``setup``; a Fuse block is skipped at sites without them."""
+        return False
+
     def fuse(self, setup: Fuse, state: S, children: list[S], query: Any) -> S:
         raise CompositionError(f"{type(self).__name__} does not support Fuse")
 
@@ -294,6 +295,10 @@ class Composer(Generic[S]):
     def check(self, value: Any, expected: int, what: str) -> None:
         """Emit a run-time check ``value == expected`` (batch or sequence sizes)."""
 
+    def times(self, value: Any, k: int) -> Any:
+        """``value * k`` for a size that may be a graph value."""
+        return value * k
+
 
 def check_size(value: int, expected: int, what: str) -> int:
     """Run-time check in generated code: a BatchSplit/Split size that does not match the input."""
@@ -308,6 +313,8 @@ def compose(composer: Composer[S], setup: Block | str, state: S, depth: int = 0)
     """Emit the nodes of ``setup`` applied to ``state`` (AdapterHub's ``compose``)."""
     if isinstance(setup, str):
         return composer.single(setup, state) if composer.present(setup) else state
+    if not _present(composer, setup):  # none of the block's adapters sits here: the block is a no-op
+        return state
     if isinstance(setup, Stack):
         for child in setup.children:
             if isinstance(child, Block):
@@ -316,6 +323,8 @@ def compose(composer: Composer[S], setup: Block | str, state: S, depth: int = 0)
                 state = composer.single(child, composer.pre_block(child, state))
         return state
     if isinstance(setup, Fuse):
+        if not composer.has_fusion(setup):
+            return state
         state, query = composer.pre_fuse(setup, state)
         children = [compose(composer, c, state, depth + 1) for c in setup.children if _present(composer, c)]
         return composer.fuse(setup, state, children, query) if children else state
@@ -357,7 +366,8 @@ def compose(composer: Composer[S], setup: Block | str, state: S, depth: int = 0)
         state = composer.pre_block(_first_present(composer, setup), state)
         parts = []
         for i, child in enumerate(setup.children):
-            part = composer.vslice(state, slice(per * i if i else 0, per * (i + 1)))
+            start = composer.times(per, i) if i else 0
+            part = composer.vslice(state, slice(start, composer.times(per, i + 1)))
             parts.append(compose(composer, child, part, depth + 1) if _present(composer, child) else part)
         return composer.cat(parts, 0, state)
     raise CompositionError(f"unknown block {setup!r}")  # pragma: no cover - validated before

@@ -140,6 +140,13 @@ class Emitter:
     def function(self, fn: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
         return self._emit(lambda: self.graph.call_function(fn, args, kwargs or {}))
 
+    def discard(self) -> None:
+        """Drop the nodes inserted so far (a rule that turned out to change nothing)."""
+        for node in reversed(self.inserted):
+            if not node.users:
+                self.graph.erase_node(node)
+        self.inserted.clear()
+
     def replace_node(self, name: str, new: fx.Node) -> None:
         """Route every user of node ``name`` (outside the inserted nodes) to ``new``; later sites reading
         ``name`` read ``new``."""
@@ -157,13 +164,15 @@ class Emitter:
                 self.graph.erase_node(node)
 
 
-def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> None:
-    """Parallel: replicate the layer's tensor inputs to ``plan.parallel`` copies of the batch, first thing."""
+def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> dict[str, fx.Node]:
+    """Parallel: replicate the layer's tensor inputs to ``plan.parallel`` copies of the batch, first thing.
+    Returns the replacement of each input (sites that read an input read its replica)."""
     placeholders = [
         n for n in graph.nodes if n.op == "placeholder" and n.meta.get("fxadapt_kind") == "tensor"
     ]
+    replaced: dict[str, fx.Node] = {}
     if not placeholders:
-        return
+        return replaced
     with graph.inserting_after(placeholders[-1]):
         rep = graph.call_function(replicate_batch, (plan.parallel, plan.first_layer, *placeholders))
     cursor = rep
@@ -172,14 +181,14 @@ def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> None:
             item = graph.call_function(operator.getitem, (rep, i))
         cursor = item
         ph.replace_all_uses_with(item, delete_user_cb=lambda user: user is not rep)
+        replaced[ph.name] = item
+    return replaced
 
 
 def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: LayerPlan):
     """Rewrite a copy of ``capture.graph`` with ``plan`` and return ``(runner, source)``."""
     graph = copy.deepcopy(capture.graph)
-    if plan.parallel > 1:
-        _replicate_inputs(graph, plan)
-    aliases: dict[str, fx.Node] = {}
+    aliases: dict[str, fx.Node] = _replicate_inputs(graph, plan) if plan.parallel > 1 else {}
     for site_plan in plan.sites:
         site = report.site(site_plan.site)
         if site is None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..compose import Composer, Fuse, check_size, compose
-from ..errors import CompositionError, ConfigError, nearest
+from ..errors import ConfigError, nearest
 from ..sites import RESIDUAL_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -248,7 +248,10 @@ class BottleneckMethod(Method):
         h, x = e.node(site.h), e.node(site.x)
         with e.after(site.output):
             state = compose(composer, setup, _State(h, x, x, None, None))
-            last = refs[state.last or next(reversed(refs))].config
+            if state.last is None:  # nothing of the setup applies at this site: it stays as it was
+                e.discard()
+                return
+            last = refs[state.last].config
             y = state.hidden
             if last.is_parallel:
                 y = e.add(y, h)
@@ -315,12 +318,10 @@ class _BottleneckComposer(Composer[_State]):
             out, up = self.e.call(ref.target, args, name=ref.node_name(self.site.kind)), None
         return state._replace(hidden=out, up=up, last=name)
 
+    def has_fusion(self, setup: Fuse) -> bool:
+        return setup.name in self.fusions
+
     def pre_fuse(self, setup: Fuse, state: _State) -> tuple[_State, Any]:
-        if setup.name not in self.fusions:
-            raise CompositionError(
-                f"no fusion layer for {setup!r} at site {self.site.kind!r}; add one with "
-                f"fxadapt.add_fusion(model, {setup!r})"
-            )
         last = setup.last() if setup.last() in self.refs else next(n for n in setup.names() if n in self.refs)
         fused, before = self._pre_forward(last, state)
         fusion_config = self.fusions[setup.name][1]
@@ -388,6 +389,9 @@ class _BottleneckComposer(Composer[_State]):
 
     def check(self, value: Any, expected: int, what: str) -> None:
         self.e.function(check_size, (value, expected, what))
+
+    def times(self, value: Any, k: int) -> Any:
+        return value if k == 1 else self.e.function(operator.mul, (value, k))
 
 
 def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
