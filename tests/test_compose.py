@@ -250,11 +250,13 @@ def test_batch_split_size_mismatch_is_a_clear_error():
     model = make_model("bert")
     fxadapt.inject(model, CONFIGS, activate=False)
     fxadapt.activate(model, BatchSplit("a", "b", batch_sizes=[1, 2]))
-    with pytest.raises(
-        fxadapt.CompositionError, match=r"BatchSplit\[1, 2\] \(batch size\): the input has size 2"
+    with (
+        pytest.raises(
+            fxadapt.CompositionError, match=r"BatchSplit\[1, 2\] \(batch size\): the input has size 2"
+        ),
+        torch.no_grad(),
     ):
-        with torch.no_grad():
-            model(**make_inputs("bert", batch=2))
+        model(**make_inputs("bert", batch=2))
 
 
 def test_parallel_stacks_outputs_along_batch():
