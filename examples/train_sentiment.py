@@ -22,12 +22,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-import fxadapt  # noqa: E402
+import fxadapt
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "movie_reviews"
@@ -61,26 +61,47 @@ def new_model():
 
 
 def batches(rows, tokenizer, batch_size, shuffle, seed=0, max_length=64):
+    """Length-bucketed batches (sentences of similar length together: less padding, ~2x faster on CPU)."""
     order = list(range(len(rows)))
+    rng = random.Random(seed)
     if shuffle:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
-        enc = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        rng.shuffle(order)
+    # sort by length inside windows of 50 batches, then shuffle the batches themselves
+    window = batch_size * 50
+    order = [
+        i
+        for w in range(0, len(order), window)
+        for i in sorted(order[w : w + window], key=lambda i: len(rows[i]["text"]))
+    ]
+    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(groups)
+    for group in groups:
+        chunk = [rows[i] for i in group]
+        enc = tokenizer(
+            [r["text"] for r in chunk],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         enc["labels"] = torch.tensor([r["label"] for r in chunk])
         yield enc
 
 
 @torch.no_grad()
 def predict(model, tokenizer, texts, batch_size=128) -> torch.Tensor:
+    """Logits in the order of ``texts`` (batched by length to avoid padding)."""
     model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=64,
-                        return_tensors="pt")
-        out.append(model(**enc).logits)
-    return torch.cat(out)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.num_labels)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
+        out[idx] = model(**enc).logits
+    return out
 
 
 def accuracy(model, tokenizer, rows) -> float:
@@ -116,12 +137,15 @@ def train(model, tokenizer, rows, *, epochs, lr, batch_size, desc, seed=0) -> fl
 def encode(model, tokenizer, rows, batch_size=128) -> torch.Tensor:
     """The frozen encoder's pooled output for every row (what BertForSequenceClassification feeds its head)."""
     model.eval()
-    feats = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="encoding (frozen encoder)", unit="batch"):
-        enc = tokenizer([r["text"] for r in rows[start : start + batch_size]], padding=True, truncation=True,
-                        max_length=64, return_tensors="pt")
-        feats.append(model.base_model(**enc).pooler_output)
-    return torch.cat(feats)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
+    feats = torch.empty(len(rows), model.config.hidden_size)
+    for start in tqdm(range(0, len(order), batch_size), desc="encoding (frozen encoder)", unit="batch"):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [rows[i]["text"] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
+        feats[idx] = model.base_model(**enc).pooler_output
+    return feats
 
 
 def train_head_on_frozen_features(model, tokenizer, rows, *, epochs, lr, batch_size, seed) -> float:
@@ -129,7 +153,9 @@ def train_head_on_frozen_features(model, tokenizer, rows, *, epochs, lr, batch_s
     features = encode(model, tokenizer, rows)
     labels = torch.tensor([r["label"] for r in rows])
     head = model.classifier
-    dropout = torch.nn.Dropout(model.config.hidden_dropout_prob)  # the dropout the model applies before its head
+    dropout = torch.nn.Dropout(
+        model.config.hidden_dropout_prob
+    )  # the dropout the model applies before its head
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(epochs), desc="frozen encoder + head", unit="epoch"):
@@ -147,14 +173,20 @@ def count(params) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=2, help="adapter training epochs (default 2)")
+    ap.add_argument("--epochs", type=int, default=1, help="adapter training epochs (default 1)")
     ap.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate (default 1e-3)")
-    ap.add_argument("--head-lr", type=float, default=3e-3, help="learning rate of the frozen-encoder baseline's head")
+    ap.add_argument(
+        "--head-lr", type=float, default=3e-3, help="learning rate of the frozen-encoder baseline's head"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train-size", type=int, default=None, help="use only the first N training sentences")
     ap.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test sentences")
-    ap.add_argument("--full", action="store_true", help="also fully fine-tune the model for comparison (slower)")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sentiment", help="where the adapter is saved")
+    ap.add_argument(
+        "--full", action="store_true", help="also fully fine-tune the model for comparison (slower)"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "runs" / "sentiment", help="where the adapter is saved"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -163,18 +195,33 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     train_rows, test_rows = load_split("train", args.train_size), load_split("test", args.test_size)
-    print(f"data: {len(train_rows)} training and {len(test_rows)} held-out movie-review sentences "
-          f"({DATA.relative_to(ROOT)})")
+    print(
+        f"data: {len(train_rows)} training and {len(test_rows)} held-out movie-review sentences "
+        f"({DATA.relative_to(ROOT)})"
+    )
     results = []
 
     # (1) frozen encoder: only the classification head learns. The encoder's output does not change during
     # training, so it is computed once; the head trains on it exactly as it would inside the model.
     torch.manual_seed(args.seed)
     baseline = new_model()
-    secs = train_head_on_frozen_features(baseline, tokenizer, train_rows, epochs=max(args.epochs, 10),
-                                         lr=args.head_lr, batch_size=args.batch_size, seed=args.seed)
-    results.append(("frozen encoder + head", accuracy(baseline, tokenizer, test_rows),
-                    count(baseline.classifier.parameters()), secs))
+    secs = train_head_on_frozen_features(
+        baseline,
+        tokenizer,
+        train_rows,
+        epochs=max(args.epochs, 10),
+        lr=args.head_lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    results.append(
+        (
+            "frozen encoder + head",
+            accuracy(baseline, tokenizer, test_rows),
+            count(baseline.classifier.parameters()),
+            secs,
+        )
+    )
     del baseline
 
     # (2) seq_bn adapter + head
@@ -182,19 +229,36 @@ def main() -> None:
     model = new_model()
     fxadapt.inject(model, {"sentiment": "seq_bn"})
     fxadapt.train_adapter(model, "sentiment")  # freezes the encoder; adapter + classifier learn
-    secs = train(model, tokenizer, train_rows, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                 desc="seq_bn adapter + head")
+    secs = train(
+        model,
+        tokenizer,
+        train_rows,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        desc="seq_bn adapter + head",
+    )
     adapter_acc = accuracy(model, tokenizer, test_rows)
-    results.append(("seq_bn adapter + head", adapter_acc,
-                    count(p for p in model.parameters() if p.requires_grad), secs))
+    results.append(
+        ("seq_bn adapter + head", adapter_acc, count(p for p in model.parameters() if p.requires_grad), secs)
+    )
 
     # (3) optional: full fine-tuning
     if args.full:
         torch.manual_seed(args.seed)
         full = new_model()
-        secs = train(full, tokenizer, train_rows, epochs=args.epochs, lr=5e-5, batch_size=args.batch_size,
-                     desc="full fine-tuning")
-        results.append(("full fine-tuning", accuracy(full, tokenizer, test_rows), count(full.parameters()), secs))
+        secs = train(
+            full,
+            tokenizer,
+            train_rows,
+            epochs=args.epochs,
+            lr=5e-5,
+            batch_size=args.batch_size,
+            desc="full fine-tuning",
+        )
+        results.append(
+            ("full fine-tuning", accuracy(full, tokenizer, test_rows), count(full.parameters()), secs)
+        )
         del full
 
     print(f"\nheld-out accuracy on {len(test_rows)} sentences:")
@@ -209,7 +273,9 @@ def main() -> None:
     fresh = new_model()
     fxadapt.load_adapter(fresh, folder)  # <- the one line
     texts = [r["text"] for r in test_rows]
-    same = torch.equal(predict(fresh, tokenizer, texts).argmax(-1), predict(model, tokenizer, texts).argmax(-1))
+    same = torch.equal(
+        predict(fresh, tokenizer, texts).argmax(-1), predict(model, tokenizer, texts).argmax(-1)
+    )
     print(f"reloaded into a fresh model: predictions identical to the trained model: {same}")
     if not same:
         raise SystemExit("reloaded adapter predicts differently")

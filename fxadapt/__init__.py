@@ -26,7 +26,7 @@ from .api import (
     train_fusion,
     unmerge,
 )
-from .compose import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from .compose import Average, BatchSplit, Fuse, Parallel, PerRow, Split, Stack
 from .errors import (
     AdapterNotFoundError,
     CaptureError,
@@ -43,6 +43,7 @@ from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
+from .routing import adapter_ids
 
 __all__ = [
     "AdapterNotFoundError",
@@ -61,6 +62,7 @@ __all__ = [
     "NameCollisionError",
     "NotMergeableError",
     "Parallel",
+    "PerRow",
     "SiteNotFoundError",
     "Split",
     "Stack",
@@ -68,6 +70,7 @@ __all__ = [
     "activate",
     "active_adapters",
     "active_setup",
+    "adapter_ids",
     "adapter_parameters",
     "add_fusion",
     "explain",

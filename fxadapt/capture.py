@@ -603,6 +603,7 @@ class Capture:
     leaf_reasons: dict[str, str] = field(default_factory=dict)
     input_names: tuple[str, ...] = ()
     value_guards: tuple[tuple[Callable[..., Any], bool], ...] = ()
+    has_opaque_inputs: bool = False  # a cache or other object is among the inputs
 
     def guards_hold(self, layer: nn.Module, leaves: list[Any]) -> bool:
         """Whether the branch flags this capture baked in hold for this call."""
@@ -734,6 +735,7 @@ def trace_layer(
             leaf_reasons=reasons,
             input_names=tuple(names[i] for i in dynamic),
             value_guards=guards,
+            has_opaque_inputs=any(not isinstance(leaves[i], torch.Tensor) for i in dynamic),
         )
         if verify:
             _verify(layer, orig_forward, capture, leaves, args, kwargs)

@@ -32,6 +32,7 @@ __all__ = [
     "Composer",
     "Fuse",
     "Parallel",
+    "PerRow",
     "Split",
     "Stack",
     "compose",
@@ -170,6 +171,11 @@ class Split(Block):
         return f"splits={list(self.splits)}"
 
 
+@dataclass(frozen=True, init=False, repr=False)
+class PerRow(Block):
+    """Each batch row runs the adapter its ``adapter_ids`` entry names (``-1``: none), in one batched op."""
+
+
 # Which children each block may hold. AdapterHub's table, plus Stack in Stack and Fuse in Fuse's Stacks.
 ALLOWED_NESTINGS: dict[type, tuple[type, ...]] = {
     Stack: (str, Stack, Fuse, Split, Parallel, BatchSplit, Average),
@@ -178,6 +184,7 @@ ALLOWED_NESTINGS: dict[type, tuple[type, ...]] = {
     Parallel: (str, Stack, BatchSplit, Average),
     BatchSplit: (str, Stack, Split, BatchSplit, Average),
     Average: (str, Stack, Split, BatchSplit),
+    PerRow: (str,),
 }
 
 
@@ -221,6 +228,10 @@ def validate(setup: Block, known: Iterable[str]) -> None:
                         f"{nearest(child, known)}"
                     )
             else:
+                if isinstance(child, PerRow):
+                    raise CompositionError(
+                        f"PerRow must be the whole setup, not nested inside {type(block).__name__}"
+                    )
                 if isinstance(child, Parallel) and not (isinstance(block, Stack) and depth == 0):
                     raise CompositionError(
                         f"Parallel must be the setup itself or directly inside the top-level Stack, not inside "

@@ -32,7 +32,7 @@ from .capture import Capture, compile_graph
 from .compose import Block, replicate_batch
 from .errors import CompositionError, SiteNotFoundError, nearest
 from .methods.base import AdapterConfig, method_for
-from .sites import ResidualSite, SiteReport
+from .sites import MODULE_SITE_KINDS, ResidualSite, SiteReport
 
 __all__ = ["AdapterRef", "Emitter", "LayerPlan", "SitePlan", "build_runner", "site_key"]
 
@@ -137,6 +137,10 @@ class Emitter:
 
         return self._emit(make)
 
+    def attr(self, target: str) -> fx.Node:
+        """A submodule or parameter of the layer, by path (``get_attr``)."""
+        return self._emit(lambda: self.graph.get_attr(target))
+
     def function(self, fn: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
         return self._emit(lambda: self.graph.call_function(fn, args, kwargs or {}))
 
@@ -191,6 +195,9 @@ def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: L
     aliases: dict[str, fx.Node] = _replicate_inputs(graph, plan) if plan.parallel > 1 else {}
     for site_plan in plan.sites:
         site = report.site(site_plan.site)
+        if site is None and site_plan.site in MODULE_SITE_KINDS and capture.has_opaque_inputs:
+            # a projection this call does not run (cross-attention k/v read back from a cache): nothing to adapt
+            continue
         if site is None:
             kinds = sorted(set(report.kinds()))
             raise SiteNotFoundError(

@@ -325,3 +325,39 @@ def test_switching_setups_reuses_compiled_code():
     assert (
         sum(len(v) for v in state.traced.values()) == traces
     )  # a setup switch re-plans; it does not re-trace
+
+
+# -- per-row adapters ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "t5"])
+@pytest.mark.parametrize("preset", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_per_row_equals_each_row_alone(arch, preset):
+    model = make_model(arch)
+    fxadapt.inject(model, {n: preset for n in ("x", "y", "z")}, activate=False)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n in ("x", "y", "z"):
+            for p in fxadapt.adapter_parameters(model, n).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    inputs = make_inputs(arch, batch=5)
+    ids = torch.tensor([2, -1, 0, 1, 2])
+    fxadapt.activate(model, fxadapt.PerRow("x", "y", "z"))
+    with torch.no_grad():
+        got = main_output(model(**inputs, adapter_ids=ids))
+        for row, i in enumerate(ids.tolist()):
+            fxadapt.activate(model, None if i < 0 else ("x", "y", "z")[i])
+            alone = main_output(model(**{k: v[row : row + 1] for k, v in inputs.items()}))
+            assert (got[row : row + 1] - alone).abs().max().item() <= 1e-6, (row, i)
+
+
+def test_per_row_needs_ids_and_works_in_generate():
+    model = make_model("llama")
+    fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
+    fxadapt.activate(model, fxadapt.PerRow("x", "y"))
+    inputs = make_inputs("llama", batch=2)
+    with pytest.raises(fxadapt.CompositionError, match="no adapter_ids were given"), torch.no_grad():
+        model(**inputs)
+    with torch.no_grad(), fxadapt.adapter_ids(model, [1, -1]):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 10)

@@ -25,8 +25,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..compose import Composer, Fuse, check_size, compose
-from ..errors import ConfigError, nearest
+from ..compose import Composer, Fuse, PerRow, check_size, compose
+from ..errors import CompositionError, ConfigError, nearest
+from ..routing import current_ids
 from ..sites import RESIDUAL_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -240,6 +241,8 @@ class BottleneckMethod(Method):
         return Bottleneck(hidden_size, width, config)
 
     def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
+        if isinstance(setup, PerRow):
+            return _per_row_site(emitter, site, setup, plan)
         e = emitter
         refs = {ref.name: ref for ref in plan.adapters}
         composer = _BottleneckComposer(
@@ -392,6 +395,118 @@ class _BottleneckComposer(Composer[_State]):
 
     def times(self, value: Any, k: int) -> Any:
         return value if k == 1 else self.e.function(operator.mul, (value, k))
+
+
+_STRUCTURE = ("original_ln_before", "original_ln_after", "residual_before_ln", "is_parallel")
+
+
+def _per_row_site(e, site, setup: PerRow, plan) -> None:
+    """Every row through its own adapter in one batched op (``fxadapt.kernels.bottleneck_multi``)."""
+    refs = {ref.name: ref for ref in plan.adapters}
+    configs = [refs[n].config for n in refs]
+    for field in _STRUCTURE:
+        if len({getattr(c, field) for c in configs}) > 1:
+            raise CompositionError(
+                f"PerRow{tuple(setup.names())}: adapters differ in {field} at site {site.kind!r}; per-row routing "
+                "needs adapters of one structure (e.g. all seq_bn)"
+            )
+    composer = _BottleneckComposer(e, site, refs, {})
+    h, x = e.node(site.h), e.node(site.x)
+    first = next(iter(refs))
+    with e.after(site.output):
+        state = composer._pre_forward(first, _State(h, x, x, None, None))[0]
+        device = e.function(getattr, (h, "device"))
+        ids = e.function(
+            route_ids, (e.function(current_ids, (device,)), tuple(n in refs for n in setup.children))
+        )
+        modules = [e.attr(refs[n].target) for n in setup.children if n in refs]
+        residual = state.residual if not configs[0].is_parallel else None
+        y = e.function(per_row_bottleneck, (state.hidden, residual, ids, modules))
+        if configs[0].is_parallel:
+            y = e.add(y, h)
+        if configs[0].original_ln_after:
+            y = e.add(y, state.input)
+            if composer.norm is not None:
+                y = e.norm(composer.norm, y)
+    e.replace(site, y)
+
+
+def route_ids(ids: torch.Tensor, present: tuple[bool, ...]) -> torch.Tensor:
+    """Map PerRow indices to this site's adapters (absent here → -1, no adapter)."""
+    table, j = [], 0
+    for p in present:
+        table.append(j if p else -1)
+        j += p
+    if len(table) and all(t == i for i, t in enumerate(table)):
+        return ids
+    lookup = torch.tensor([*table, -1], device=ids.device)  # index -1 → the trailing -1
+    return lookup[ids]
+
+
+def per_row_bottleneck(
+    z: torch.Tensor, residual: torch.Tensor | None, ids: torch.Tensor, modules: list
+) -> torch.Tensor:
+    """Row ``i`` of the output is adapter ``ids[i]``'s output (``residual``, or 0, for ``-1``)."""
+    from ..kernels import bottleneck_multi
+
+    first = modules[0]
+    fused = (
+        all(m.norm_before is None and m.norm_after is None for m in modules)
+        and all(m.down.out_features == first.down.out_features for m in modules)
+        and len({type(m.act) for m in modules}) == 1
+        and _kernel_act(first.act) is not None
+        and all(not isinstance(m.scaling, torch.Tensor) or m.scaling.numel() == 1 for m in modules)
+        and not (first.training and any(m.dropout.p > 0 for m in modules))
+    )
+    if not fused:
+        return _per_row_loop(z, residual, ids, modules)
+    scale = torch.stack(
+        [
+            m.scaling.reshape(()) if isinstance(m.scaling, torch.Tensor) else torch.tensor(float(m.scaling))
+            for m in modules
+        ]
+    ).to(z.device, torch.float32)
+    return bottleneck_multi(
+        z,
+        ids,
+        torch.stack([m.down.weight for m in modules]),
+        torch.stack([m.down.bias for m in modules]),
+        torch.stack([m.up.weight for m in modules]),
+        torch.stack([m.up.bias for m in modules]),
+        scale=scale,
+        act=_kernel_act(first.act),
+        residual=residual if residual is not None else torch.zeros_like(z),
+    )
+
+
+def _kernel_act(act: nn.Module) -> str | None:
+    from transformers.activations import GELUActivation, NewGELUActivation, SiLUActivation
+
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, (nn.SiLU, SiLUActivation)):
+        return "silu"
+    if isinstance(act, NewGELUActivation):
+        return "gelu_tanh"
+    if isinstance(act, (GELUActivation,)) or (isinstance(act, nn.GELU) and act.approximate == "none"):
+        return "gelu"
+    if isinstance(act, nn.Tanh):
+        return "tanh"
+    if isinstance(act, nn.Identity):
+        return "identity"
+    return None
+
+
+def _per_row_loop(
+    z: torch.Tensor, residual: torch.Tensor | None, ids: torch.Tensor, modules: list
+) -> torch.Tensor:
+    out = residual.clone() if residual is not None else torch.zeros_like(z)
+    for i, module in enumerate(modules):
+        rows = (ids == i).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            res = residual.index_select(0, rows) if residual is not None else None
+            out = out.index_copy(0, rows, module(z.index_select(0, rows), res))
+    return out
 
 
 def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
