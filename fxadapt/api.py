@@ -527,6 +527,7 @@ class LayerExplanation:
     rejected: list[tuple[str, str]]
     guard_keys: int
     plan: list[str] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -546,6 +547,8 @@ class Explanation:
                 lines.append(f"      opaque submodule {leaf}: {why}")
             for node, why in le.rejected:
                 lines.append(f"      not a site: {node}: {why}")
+            for note in le.kernels:
+                lines.append(f"      kernels: {note}")
             if le.guard_keys:
                 lines.append(f"      captured calls (guard keys): {le.guard_keys}")
         return "\n".join(lines)
@@ -577,6 +580,7 @@ def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = Fal
                 rejected=report.rejected if verbose else [],
                 guard_keys=len(lstate.traced) if lstate else 0,
                 plan=lstate.plan.describe() if lstate else [],
+                kernels=list(lstate.notes) if lstate else [],
             )
         )
     explanation = Explanation(type(model).__name__, out)

@@ -604,6 +604,8 @@ class Capture:
     input_names: tuple[str, ...] = ()
     value_guards: tuple[tuple[Callable[..., Any], bool], ...] = ()
     has_opaque_inputs: bool = False  # a cache or other object is among the inputs
+    device: torch.device | None = None  # of the first tensor input
+    dtype: torch.dtype | None = None
 
     def guards_hold(self, layer: nn.Module, leaves: list[Any]) -> bool:
         """Whether the branch flags this capture baked in hold for this call."""
@@ -736,6 +738,8 @@ def trace_layer(
             input_names=tuple(names[i] for i in dynamic),
             value_guards=guards,
             has_opaque_inputs=any(not isinstance(leaves[i], torch.Tensor) for i in dynamic),
+            device=next((leaves[i].device for i in dynamic if isinstance(leaves[i], torch.Tensor)), None),
+            dtype=next((leaves[i].dtype for i in dynamic if isinstance(leaves[i], torch.Tensor)), None),
         )
         if verify:
             _verify(layer, orig_forward, capture, leaves, args, kwargs)

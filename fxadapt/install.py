@@ -48,6 +48,8 @@ class LayerState:
         default_factory=dict
     )
 
+    notes: list[str] = field(default_factory=list)  # lowering notes of the last compiled specialisation
+
     def __getstate__(self) -> dict[str, Any]:
         # generated code and graphs are cheap to rebuild and not picklable: drop them
         return {"orig_class": self.orig_class, "index": self.index, "plan": self.plan}
@@ -91,8 +93,10 @@ class LayerState:
     @torch.compiler.disable
     def build(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]):
         traced = self.trace(layer, args, kwargs, key, leaves)
-        runner, source = build_runner(layer, traced.capture, traced.report, self.plan)
+        notes: list[str] = []
+        runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
         self.runners.setdefault(key, []).append((traced.capture, runner, source))
+        self.notes = notes
         return runner
 
     def warm(self, layer: nn.Module) -> None:
@@ -103,8 +107,10 @@ class LayerState:
         traced = traced_list[0]
         if any(capture is traced.capture for capture, _, _ in self.runners.get(key, ())):
             return
-        runner, source = build_runner(layer, traced.capture, traced.report, self.plan)
+        notes: list[str] = []
+        runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
         self.runners.setdefault(key, []).append((traced.capture, runner, source))
+        self.notes = notes
 
     def sources(self) -> list[str]:
         """Generated code of every compiled specialisation (for ``explain`` and debugging)."""

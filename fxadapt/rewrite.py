@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -91,6 +92,8 @@ class Emitter:
         self.aliases = aliases if aliases is not None else {}
         self._cursor: fx.Node | None = None
         self.inserted: list[fx.Node] = []
+        self.lower = False  # emit fused kernel ops where a rule can (see lowering())
+        self.notes: list[str] = []  # what was lowered or why not, for explain()
 
     def node(self, name: str) -> fx.Node:
         return self.aliases.get(name) or self._nodes[name]
@@ -189,10 +192,31 @@ def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> dict[str, fx.Node]:
     return replaced
 
 
-def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: LayerPlan):
-    """Rewrite a copy of ``capture.graph`` with ``plan`` and return ``(runner, source)``."""
+def lowering(capture: Capture) -> tuple[bool, str]:
+    """Whether adapter nodes of this capture are lowered to fused kernel ops, and why (not)."""
+    from .kernels import backend_mode, can_use_triton
+
+    if capture.device is None or capture.dtype is None:
+        return False, "no tensor inputs"
+    if backend_mode() != "triton" and capture.device.type != "cuda":
+        return (
+            False,
+            f"inputs on {capture.device.type}: the fused kernels serve CUDA tensors (reference math runs)",
+        )
+    probe = torch.empty(0, device=capture.device, dtype=capture.dtype)
+    return can_use_triton(probe)
+
+
+def build_runner(
+    layer: nn.Module, capture: Capture, report: SiteReport, plan: LayerPlan, notes: list | None = None
+):
+    """Rewrite a copy of ``capture.graph`` with ``plan`` and return ``(runner, source)``; ``notes`` collects
+    which adapter nodes were lowered to fused kernels and why others were not."""
     graph = copy.deepcopy(capture.graph)
     aliases: dict[str, fx.Node] = _replicate_inputs(graph, plan) if plan.parallel > 1 else {}
+    lower, why = lowering(capture)
+    if notes is not None and not lower:
+        notes.append(f"not lowered: {why}")
     for site_plan in plan.sites:
         site = report.site(site_plan.site)
         if site is None and site_plan.site in MODULE_SITE_KINDS and capture.has_opaque_inputs:
@@ -213,7 +237,10 @@ def build_runner(layer: nn.Module, capture: Capture, report: SiteReport, plan: L
             )
         (method,) = methods.values()
         emitter = Emitter(graph, layer, site_plan.adapters[0].node_name(site_plan.site), aliases)
+        emitter.lower = lower
         method.compose_site(emitter, site, plan.setup, site_plan)
+        if notes is not None:
+            notes.extend(emitter.notes)
     graph.lint()
     code = compile_graph(graph)
     return capture.bind(code), code.__fxadapt_src__

@@ -174,6 +174,7 @@ class Bottleneck(nn.Module):
         self.norm_before = nn.LayerNorm(hidden_size) if config.ln_before else None
         self.down = nn.Linear(hidden_size, width)
         self.act = activation(config.non_linearity)
+        self.act_name = config.non_linearity.lower()
         self.up = nn.Linear(width, hidden_size)
         if config.scaling == "learned":
             self.scaling: float | nn.Parameter = nn.Parameter(torch.ones(1))
@@ -314,6 +315,16 @@ class _BottleneckComposer(Composer[_State]):
     def single(self, name: str, state: _State) -> _State:
         ref = self.refs[name]
         args = (state.hidden, state.residual)
+        node_name = ref.node_name(self.site.kind)
+        if self.e.lower and not self._fuse_depth:
+            why = _not_fusable(ref.config)
+            if why is None:
+                module = self.e.attr(ref.target)
+                out = self.e.function(fused_bottleneck, (module, *args))
+                out.name = self.e.graph._graph_namespace.create_name(f"{node_name}_fused", out)
+                self.e.notes.append(f"{node_name}: lowered to fxadapt.kernels.bottleneck")
+                return state._replace(hidden=out, up=None, last=name)
+            self.e.notes.append(f"{node_name}: not lowered: {why}")
         if self._fuse_depth:
             both = self.e.call(ref.target, args, {"return_up": True}, name=ref.node_name(self.site.kind))
             out, up = self.e.getitem(both, 0), self.e.getitem(both, 1)
@@ -395,6 +406,54 @@ class _BottleneckComposer(Composer[_State]):
 
     def times(self, value: Any, k: int) -> Any:
         return value if k == 1 else self.e.function(operator.mul, (value, k))
+
+
+_KERNEL_ACTS = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "swish": "silu",
+    "silu": "silu",
+    "tanh": "tanh",
+    "identity": "identity",
+    "linear": "identity",
+}
+
+
+def _not_fusable(config: BottleneckConfig) -> str | None:
+    """Why the fused kernel cannot compute this adapter (None: it can)."""
+    if config.ln_before or config.ln_after:
+        return "ln_before/ln_after are not part of the fused kernel"
+    if config.dropout > 0:
+        return f"adapter dropout {config.dropout} is not part of the fused kernel"
+    if config.non_linearity.lower() not in _KERNEL_ACTS:
+        return (
+            f"activation {config.non_linearity!r} has no fused kernel (kernels: {sorted(set(_KERNEL_ACTS))})"
+        )
+    return None
+
+
+def fused_bottleneck(module: Bottleneck, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The adapter's output through the fused kernel op (``fxadapt.kernels.bottleneck``): same math as the module."""
+    from ..kernels import bottleneck
+
+    act = _KERNEL_ACTS[_act_name(module)]
+    res = residual if not module.parallel else torch.zeros_like(z)
+    return bottleneck(
+        z,
+        module.down.weight,
+        module.down.bias,
+        module.up.weight,
+        module.up.bias,
+        scale=module.scaling,
+        act=act,
+        residual=res,
+    )
+
+
+def _act_name(module: Bottleneck) -> str:
+    return module.act_name
 
 
 _STRUCTURE = ("original_ln_before", "original_ln_after", "residual_before_ln", "is_parallel")
