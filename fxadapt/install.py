@@ -100,17 +100,18 @@ class LayerState:
         return runner
 
     def warm(self, layer: nn.Module) -> None:
-        """Compile the plan for the first known capture now, so an invalid plan fails at activation time."""
-        if not self.plan or not self.traced:
+        """Compile the plan for every known capture now: an invalid plan fails at activation time, and a compiled
+        model (torch.compile) finds generated code ready after a setup switch instead of building it mid-graph."""
+        if not self.plan:
             return
-        key, traced_list = next(iter(self.traced.items()))
-        traced = traced_list[0]
-        if any(capture is traced.capture for capture, _, _ in self.runners.get(key, ())):
-            return
-        notes: list[str] = []
-        runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
-        self.runners.setdefault(key, []).append((traced.capture, runner, source))
-        self.notes = notes
+        for key, traced_list in self.traced.items():
+            for traced in traced_list:
+                if any(capture is traced.capture for capture, _, _ in self.runners.get(key, ())):
+                    continue
+                notes: list[str] = []
+                runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
+                self.runners.setdefault(key, []).append((traced.capture, runner, source))
+                self.notes = notes
 
     def sources(self) -> list[str]:
         """Generated code of every compiled specialisation (for ``explain`` and debugging)."""
