@@ -16,10 +16,10 @@ demo: venv
 test: venv peer-venv test-main test-peer
 
 test-main: venv
-	$(PY) -m pytest -q tests --ignore=tests/peer
+	$(VENV)/bin/pytest -q tests --ignore=tests/peer
 
 test-peer: peer-venv
-	$(PEER_PY) -m pytest -q tests/peer -p no:cacheprovider
+	$(PEER_VENV)/bin/pytest -q tests/peer -p no:cacheprovider
 
 venv:
 	VENV=$(VENV) scripts/make_venv.sh

@@ -13,11 +13,20 @@ Every op is a ``torch.library.custom_op`` in the ``fxadapt`` namespace that disp
 reference elsewhere). Importing this package does not import Triton.
 """
 
-from . import reference
-from ._common import ACTIVATIONS, BACKENDS, MAX_RANK, backend, backend_mode, can_use_triton, force_triton
-from .bottleneck import bottleneck
-from .lora import lora_linear
-from .multi import bottleneck_multi, lora_multi
+import sys as _sys
+
+if __name__ != "fxadapt.kernels":  # pragma: no cover - only with the repository root on sys.path
+    # Imported as a top-level ``kernels`` (Hugging Face probes for its hub ``kernels`` package by that name): be
+    # fxadapt.kernels itself rather than a second copy that would register the ops twice and split the backend.
+    import importlib as _importlib
+
+    _sys.modules[__name__] = _importlib.import_module("fxadapt.kernels")
+else:
+    from . import reference
+    from ._common import ACTIVATIONS, BACKENDS, MAX_RANK, backend, backend_mode, can_use_triton, force_triton
+    from .bottleneck import bottleneck
+    from .lora import lora_linear
+    from .multi import bottleneck_multi, lora_multi
 
 __all__ = [
     "ACTIVATIONS",
