@@ -134,11 +134,12 @@ def inject(
                 satisfied.add(request)
                 if site.kind in placements.get(index, ()):
                     continue
-                module = method.build(config, site, layer, index)
-                module.to(**_placement(layer)).train(layer.training)  # new modules follow the model's mode
-                staged.append((index, name, site.kind, module))
                 placements.setdefault(index, []).append(site.kind)
                 located[(index, site.kind)] = site
+        built = method.build_all(config, located, layers, paths)
+        for (index, kind), module in built.items():
+            module.to(**_placement(layers[index])).train(layers[index].training)  # new modules follow the mode
+            staged.append((index, name, kind, module))
         missing = [r for r in method.requests(config) if r not in satisfied]
         if missing:
             available = sorted({k for _, t in primed for k in t.report.kinds()})

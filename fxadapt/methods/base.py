@@ -89,6 +89,13 @@ class Method:
         """
         raise NotImplementedError
 
+    def build_all(
+        self, config: AdapterConfig, sites: dict[tuple[int, str], Site], layers: list[nn.Module], paths: list[str]
+    ) -> dict[tuple[int, str], nn.Module]:
+        """Modules for every selected ``(layer index, site kind)``. The default builds each independently; methods
+        whose weights are shared across layers (prefix tuning) override it."""
+        return {(i, kind): self.build(config, site, layers[i], i) for (i, kind), site in sites.items()}
+
     def merge(
         self, config: AdapterConfig, module: nn.Module, site: Site, layer: nn.Module, sign: int
     ) -> None:
