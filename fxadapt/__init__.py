@@ -14,6 +14,7 @@ from .api import (
     active_setup,
     adapter_parameters,
     add_fusion,
+    eject_prefix,
     explain,
     fusion_parameters,
     fusion_regularization_loss,
@@ -43,6 +44,7 @@ from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
+from .methods.prefix import PrefixTuningConfig
 from .routing import adapter_ids
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "NotMergeableError",
     "Parallel",
     "PerRow",
+    "PrefixTuningConfig",
     "SiteNotFoundError",
     "Split",
     "Stack",
@@ -73,6 +76,7 @@ __all__ = [
     "adapter_ids",
     "adapter_parameters",
     "add_fusion",
+    "eject_prefix",
     "explain",
     "fusion_parameters",
     "fusion_regularization_loss",

@@ -47,6 +47,7 @@ __all__ = [
     "active_setup",
     "adapter_parameters",
     "add_fusion",
+    "eject_prefix",
     "explain",
     "fusion_parameters",
     "fusion_regularization_loss",
@@ -138,14 +139,22 @@ def inject(
                 located[(index, site.kind)] = site
         built = method.build_all(config, located, layers, paths)
         for (index, kind), module in built.items():
-            module.to(**_placement(layers[index])).train(layers[index].training)  # new modules follow the mode
+            module.to(**_placement(layers[index])).train(
+                layers[index].training
+            )  # new modules follow the mode
             staged.append((index, name, kind, module))
         missing = [r for r in method.requests(config) if r not in satisfied]
         if missing:
             available = sorted({k for _, t in primed for k in t.report.kinds()})
+            opaque = {
+                f"{paths[i]}.{leaf}": why
+                for i, (_, t) in enumerate(primed)
+                for leaf, why in t.capture.leaf_reasons.items()
+            }
+            hint = f". Tracing left these submodules opaque, which can hide sites: {opaque}" if opaque else ""
             raise SiteNotFoundError(
                 f"adapter {name!r}: site(s) {missing} not found in {type(model).__name__}; it has {available}"
-                f"{nearest(missing[0], available)}"
+                f"{nearest(missing[0], available)}{hint}"
             )
         records[name] = AdapterRecord(config, {i: tuple(k) for i, k in placements.items()}, located)
 
@@ -463,6 +472,36 @@ def fusion_regularization_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
+def eject_prefix(model: nn.Module, name: str) -> nn.Module:
+    """Replace a prefix-tuning adapter's reparameterisation MLP by the prefixes it produces (``flat``): the same
+    outputs, fewer parameters and no MLP per forward. Saved configs record ``flat=True`` from then on."""
+    from .methods.prefix import PrefixSite, PrefixTuningConfig
+
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    record = state.record(name)
+    if not isinstance(record.config, PrefixTuningConfig):
+        raise ConfigError(f"adapter {name!r} is {record.config.method}, not prefix tuning; nothing to eject")
+    if record.config.flat:
+        return model
+    _, layers = layers_of(model)
+    sites = []
+    for layer in layers:
+        container = layer._modules.get(CONTAINER)
+        if container is not None and name in container:
+            sites.extend(m for m in container[name].values() if isinstance(m, PrefixSite))
+    ejected = {}
+    for site in sites:
+        pool = site.get_pool()
+        if id(pool) not in ejected:
+            ejected[id(pool)] = pool.ejected()
+        site.set_pool(ejected[id(pool)])
+    record.config = record.config.replace(flat=True)
+    _apply_plans(model, state)
+    return model
+
+
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters of adapter ``name``, keyed by their full state_dict name."""
     state = get_state(model)
@@ -488,6 +527,11 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     if base is None or base is model:
         return {}
     base_ids = {id(p) for p in base.parameters()}
+    # a language-model head (the output embeddings) is part of the pretrained model, not a task head
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if isinstance(out_emb, nn.Module):
+        base_ids |= {id(p) for p in out_emb.parameters()}
     prefix = getattr(model, "base_model_prefix", "")
     return {
         n: p

@@ -106,8 +106,18 @@ class Emitter:
         finally:
             self._cursor = None
 
+    @contextmanager
+    def before(self, name: str) -> Iterator[None]:
+        """Emit new nodes right before node ``name`` (in order)."""
+        anchor = self.node(name)
+        self._cursor = anchor.prev
+        try:
+            yield
+        finally:
+            self._cursor = None
+
     def _emit(self, make: Callable[[], fx.Node]) -> fx.Node:
-        assert self._cursor is not None, "emit inside `with emitter.after(...)`"
+        assert self._cursor is not None, "emit inside `with emitter.after(...)` or `emitter.before(...)`"
         with self.graph.inserting_after(self._cursor):
             node = make()
         self._cursor = node

@@ -100,12 +100,25 @@ class ModuleSite:
     out_slice: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class AttentionSite:
+    """An attention call (``attn.kv`` / ``cross.kv``): its key/value inputs, after RoPE, where prefixes attach."""
+
+    kind: str
+    node: str
+    kv_heads: int
+    head_dim: int
+    scope: str  # module path of the attention module
+    q_heads: int = 0
+
+
 @dataclass
 class SiteReport:
     residual: list[ResidualSite] = field(default_factory=list)
     modules: list[ModuleSite] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
     linears: dict[str, str] = field(default_factory=dict)  # every Linear-like call: module path -> node name
+    attention: list[AttentionSite] = field(default_factory=list)
 
     def residual_by_kind(self) -> dict[str, ResidualSite]:
         return {s.kind: s for s in self.residual}
@@ -118,10 +131,18 @@ class SiteReport:
         if kind.startswith("linear:"):
             path = kind[len("linear:") :]
             return ModuleSite(kind, path, self.linears[path]) if path in self.linears else None
-        return self.residual_by_kind().get(kind) or self.module_by_kind().get(kind)
+        return (
+            self.residual_by_kind().get(kind)
+            or self.module_by_kind().get(kind)
+            or next((a for a in self.attention if a.kind == kind), None)
+        )
 
     def kinds(self) -> list[str]:
-        return [s.kind for s in self.residual] + [s.kind for s in self.modules]
+        return (
+            [s.kind for s in self.residual]
+            + [s.kind for s in self.modules]
+            + [a.kind for a in self.attention]
+        )
 
 
 def _module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -360,6 +381,21 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
         report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer, int(shape[-1])))
 
     report.modules = _module_sites(root, graph, scopes, report.residual)
+    for node in graph.nodes:
+        if is_attention_function(node) and len(node.args) > 3 and isinstance(node.args[2], fx.Node):
+            meta = node.args[2].meta.get("fxadapt_meta")
+            q_meta = node.args[1].meta.get("fxadapt_meta") if isinstance(node.args[1], fx.Node) else None
+            stack = _stack_paths(node)
+            scope = _scope_of(stack[-1] if stack else "", scopes)
+            if meta and len(meta[1]) == 4:
+                kind = "cross.kv" if scope is not None and scope.cross else "attn.kv"
+                if all(a.kind != kind for a in report.attention):
+                    q_heads = q_meta[1][1] if q_meta and len(q_meta[1]) == 4 else meta[1][1]
+                    report.attention.append(
+                        AttentionSite(
+                            kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads
+                        )
+                    )
     for node in graph.nodes:
         if node.op == "call_module" and is_linear_like(_module_of(root, node)):
             report.linears.setdefault(str(node.target), node.name)

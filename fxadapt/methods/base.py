@@ -90,7 +90,11 @@ class Method:
         raise NotImplementedError
 
     def build_all(
-        self, config: AdapterConfig, sites: dict[tuple[int, str], Site], layers: list[nn.Module], paths: list[str]
+        self,
+        config: AdapterConfig,
+        sites: dict[tuple[int, str], Site],
+        layers: list[nn.Module],
+        paths: list[str],
     ) -> dict[tuple[int, str], nn.Module]:
         """Modules for every selected ``(layer index, site kind)``. The default builds each independently; methods
         whose weights are shared across layers (prefix tuning) override it."""

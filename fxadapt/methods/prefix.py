@@ -1,0 +1,253 @@
+"""Prefix tuning (Li & Liang, 2021) with AdapterHub's reparameterisation, at the ``attn.kv`` / ``cross.kv`` sites.
+
+Every attention call of a layer gets ``prefix_length`` learned key/value vectors in front of its keys and values
+(after RoPE, with the key/value head count of the call, so GQA works), and its attention mask is extended so every
+query sees them. As in AdapterHub, the prefixes of all layers at one location (the self-attention of a layer list,
+or its cross-attention) come from one shared module::
+
+    P = control_trans(wte(0..prefix_length-1))   # [prefix_length, n_layers · 2 · heads · head_dim]
+    control_trans = Linear(hidden, bottleneck_size) → tanh → Linear(bottleneck_size, ...)   (flat=False)
+    control_trans = a parameter of that size                                              (flat=True)
+
+``fxadapt.eject_prefix(model, name)`` replaces the MLP by the prefixes it produces (flat), for inference.
+The shared module lives in the first layer of its group; the other layers hold a reference to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import AdapterConfig, Method, register_method, register_preset
+from .bottleneck import activation, activation_names
+
+__all__ = ["PrefixTuningConfig", "extend_mask"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixTuningConfig(AdapterConfig):
+    """Prefix tuning. Defaults are AdapterHub's ``PrefixTuningConfig``.
+
+    Args:
+        prefix_length: learned key/value positions per attention call.
+        bottleneck_size: width of the reparameterisation MLP (``flat=False``).
+        non_linearity: activation of that MLP.
+        flat: learn the prefixes directly instead of through the MLP.
+        dropout: dropout on the prefixes.
+        encoder_prefix: prefixes on the encoder's self-attention (encoder-decoder models).
+        cross_prefix: prefixes on the cross-attention (encoder-decoder models).
+        leave_out: layer indices (over all layer lists) without prefixes.
+    """
+
+    method = "prefix_tuning"
+
+    prefix_length: int = 30
+    bottleneck_size: int = 512
+    non_linearity: str = "tanh"
+    flat: bool = False
+    dropout: float = 0.0
+    encoder_prefix: bool = True
+    cross_prefix: bool = True
+    leave_out: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        def fail(field: str, expected: str) -> None:
+            raise ConfigError(
+                f"PrefixTuningConfig.{field}={getattr(self, field)!r} is invalid; expected {expected}"
+            )
+
+        for field in ("prefix_length", "bottleneck_size"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                fail(field, "an int > 0")
+        if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in activation_names():
+            fail("non_linearity", f"one of {activation_names()}")
+        for field in ("flat", "encoder_prefix", "cross_prefix"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "True or False")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            fail("dropout", "a probability in [0, 1)")
+        leave_out = tuple(self.leave_out)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in leave_out):
+            fail("leave_out", "a list of layer indices (ints >= 0)")
+        object.__setattr__(self, "leave_out", leave_out)
+
+
+class PrefixPool(nn.Module):
+    """The prefixes of ``n_layers`` attention calls with ``heads`` key/value heads of ``head_dim``."""
+
+    def __init__(self, n_layers: int, heads: int, head_dim: int, input_size: int, config: PrefixTuningConfig):
+        super().__init__()
+        self.n_layers, self.heads, self.head_dim = n_layers, heads, head_dim
+        self.prefix_length = config.prefix_length
+        self.flat = config.flat
+        width = n_layers * 2 * heads * head_dim
+        if config.flat:
+            self.control_trans = nn.Parameter(torch.randn(config.prefix_length * width))
+        else:
+            self.wte = nn.Embedding(config.prefix_length, input_size)
+            self.control_trans = nn.Sequential(
+                nn.Linear(input_size, config.bottleneck_size),
+                activation(config.non_linearity),
+                nn.Linear(config.bottleneck_size, width),
+            )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[heads, prefix_length, head_dim]`` of the ``index``-th layer of the group."""
+        p, h, d = self.prefix_length, self.heads, self.head_dim
+        rows = slice(
+            index * 2 * h * d, (index + 1) * 2 * h * d
+        )  # this layer's (key, value) block of the output
+        if self.flat:
+            kv = self.control_trans.view(p, -1)[:, rows]
+        else:
+            first, act, last = self.control_trans
+            hidden = act(first(self.wte.weight))  # the embeddings of positions 0..p-1
+            kv = F.linear(
+                hidden, last.weight[rows], last.bias[rows]
+            )  # only this layer's slice of the last Linear
+        kv = self.dropout(kv.reshape(p, 2, h, d)).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
+
+    @torch.no_grad()
+    def ejected(self) -> PrefixPool:
+        """A flat pool holding the prefixes this one produces now (AdapterHub's ``eject_prefix``)."""
+        cfg = PrefixTuningConfig(prefix_length=self.prefix_length, flat=True, dropout=self.dropout.p)
+        flat = PrefixPool(self.n_layers, self.heads, self.head_dim, 1, cfg)
+        parts = [
+            torch.stack(self.layer(i), 0).permute(2, 0, 1, 3) for i in range(self.n_layers)
+        ]  # [p, 2, h, d]
+        flat.control_trans.copy_(
+            torch.cat([x.reshape(self.prefix_length, -1) for x in parts], dim=1).reshape(-1)
+        )
+        ref = next(self.parameters())
+        return flat.to(device=ref.device, dtype=ref.dtype).train(self.training)
+
+
+class PrefixSite(nn.Module):
+    """One layer's view of a shared :class:`PrefixPool` (registered in the first layer of the group only)."""
+
+    def __init__(self, pool: PrefixPool, index: int, owner: bool):
+        super().__init__()
+        self.index = index
+        if owner:
+            self.pool = pool
+        else:
+            self.__dict__["_pool_ref"] = pool  # a reference: the pool's weights are saved once, in its owner
+
+    def get_pool(self) -> PrefixPool:
+        return self._modules["pool"] if "pool" in self._modules else self.__dict__["_pool_ref"]
+
+    def set_pool(self, pool: PrefixPool) -> None:
+        if "pool" in self._modules:
+            self.pool = pool
+        else:
+            self.__dict__["_pool_ref"] = pool
+
+    def forward(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.get_pool().layer(self.index)
+        shape = (keys.shape[0], *k.shape)
+        return k.to(keys.dtype).unsqueeze(0).expand(shape), v.to(keys.dtype).unsqueeze(0).expand(shape)
+
+
+def extend_mask(
+    mask: Any, prefix: int, query: torch.Tensor, keys: torch.Tensor, module: nn.Module, is_causal: Any = None
+) -> Any:
+    """The attention mask of a call whose keys got ``prefix`` positions in front: every query sees them.
+
+    Boolean masks (``True`` = attend) get ``True`` columns, additive float masks ``0`` columns. Without a mask, a
+    causal call (SDPA's ``is_causal`` shortcut) gets an explicit causal mask over the original keys; a non-causal
+    one keeps no mask.
+    """
+    if mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+        tq, tk = query.shape[-2], keys.shape[-2]
+        if not causal or tq <= 1:
+            return None
+        pos_q = torch.arange(tq, device=query.device).unsqueeze(1) + (
+            tk - tq
+        )  # bottom-right aligned (caches)
+        allowed = torch.arange(tk, device=query.device).unsqueeze(0) <= pos_q
+        return F.pad(allowed, (prefix, 0), value=True)[None, None]
+    if mask.dtype == torch.bool:
+        return F.pad(mask, (prefix, 0), value=True)
+    return F.pad(mask, (prefix, 0), value=0.0)
+
+
+def pad_keys(bias: torch.Tensor | None, prefix: int) -> torch.Tensor | None:
+    """Zero columns in front of a per-key bias ``[..., keys]`` (T5's relative position bias)."""
+    return None if bias is None else F.pad(bias, (prefix, 0), value=0.0)
+
+
+@register_method
+class PrefixTuningMethod(Method):
+    name = "prefix_tuning"
+    config_class = PrefixTuningConfig
+
+    def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
+        assert isinstance(config, PrefixTuningConfig)
+        return ("attn.kv", "cross.kv") if config.cross_prefix else ("attn.kv",)
+
+    def requests(self, config: AdapterConfig) -> tuple[str, ...]:
+        return ("attn.kv",)  # cross.kv exists only in encoder-decoder models
+
+    def build_all(self, config, sites, layers, paths):  # type: ignore[override]
+        groups: dict[tuple[str, str], list[int]] = {}
+        lists = {p.rsplit(".", 1)[0] for p in paths}
+        for index, kind in sorted(sites, key=lambda ik: ik[0]):
+            layer_list = paths[index].rsplit(".", 1)[0]
+            if kind == "attn.kv" and not config.encoder_prefix and len(lists) > 1 and "encoder" in layer_list:
+                continue
+            groups.setdefault((layer_list, kind), []).append(index)
+        out = {}
+        for (_, kind), indices in groups.items():
+            first = sites[(indices[0], kind)]
+            pool = PrefixPool(
+                len(indices), first.kv_heads, first.head_dim, first.q_heads * first.head_dim, config
+            )
+            for position, index in enumerate(indices):
+                out[(index, kind)] = PrefixSite(pool, position, owner=position == 0)
+        return out
+
+    def rewrite(self, emitter, site, target, config):  # type: ignore[override]
+        e = emitter
+        call = e.node(site.node)
+        args = list(call.args)
+        module, query, keys, values = args[0], args[1], args[2], args[3]
+        mask_in_kwargs = len(args) <= 4
+        mask = call.kwargs.get("attention_mask") if mask_in_kwargs else args[4]
+        with e.before(site.node):
+            pair = e.call(target, (keys,))
+            pk, pv = e.getitem(pair, 0), e.getitem(pair, 1)
+            new_k = e.function(torch.cat, ([pk, keys],), {"dim": 2})
+            new_v = e.function(torch.cat, ([pv, values],), {"dim": 2})
+            new_mask = e.function(
+                extend_mask, (mask, config.prefix_length, query, keys, module, call.kwargs.get("is_causal"))
+            )
+            bias = call.kwargs.get("position_bias")
+            new_bias = (
+                e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
+            )
+        args[2], args[3] = new_k, new_v
+        kwargs = dict(call.kwargs)
+        if new_bias is not None:
+            kwargs["position_bias"] = new_bias  # T5: prefix keys get no relative-position bias
+        if mask_in_kwargs:
+            kwargs["attention_mask"] = new_mask
+        else:
+            args[4] = new_mask
+        call.args, call.kwargs = tuple(args), kwargs
+
+
+register_preset("prefix_tuning", lambda: PrefixTuningConfig())
