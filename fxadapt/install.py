@@ -49,6 +49,8 @@ class LayerState:
     )
 
     notes: list[str] = field(default_factory=list)  # lowering notes of the last compiled specialisation
+    # compiled code per plan seen (a few): switching back to a setup reuses its code
+    compiled: dict[Any, dict] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, Any]:
         # generated code and graphs are cheap to rebuild and not picklable: drop them
@@ -63,9 +65,16 @@ class LayerState:
         return LayerState(self.orig_class, self.index, copy.deepcopy(self.plan, memo))
 
     def set_plan(self, plan: LayerPlan) -> None:
-        if plan != self.plan:
-            self.plan = plan
-            self.runners.clear()
+        if plan == self.plan:
+            return
+        self.plan = plan
+        try:
+            key: Any = hash(plan) and plan
+        except TypeError:  # a config with a mapping field: key by its text
+            key = repr(plan)
+        if key not in self.compiled and len(self.compiled) >= 16:
+            self.compiled.pop(next(iter(self.compiled)))
+        self.runners = self.compiled.setdefault(key, {})
 
     def add_traced(self, key: tuple, traced: Traced) -> None:
         self.traced.setdefault(key, []).append(traced)
