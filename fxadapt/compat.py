@@ -1,0 +1,421 @@
+"""AdapterHub-style API on top of fxadapt's verbs, for users coming from the ``adapters`` library.
+
+``fxadapt.compat.init(model)`` gives an HF model the familiar methods; ``AdapterModel.from_pretrained(path)`` is a
+base model with named prediction heads (AdapterHub's ``AutoAdapterModel``)::
+
+    model = AdapterModel.from_pretrained(path)
+    model.add_adapter("sst-2", config="seq_bn")
+    model.add_classification_head("sst-2", num_labels=2)
+    model.train_adapter("sst-2")                # adapter + its head train; HF Trainer works as usual
+    model.save_all_adapters("out")
+    model(**batch, adapter_names=["sst-2"])     # a per-call setup
+
+Every method calls fxadapt's own verbs (``inject``, ``activate``, ``train_adapter``, ``save_adapter``, ...): no
+second implementation. A head named like an adapter is activated, trained and saved with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import api, io
+from .compose import Block, parse_setup
+from .errors import AdapterNotFoundError, CheckpointError, NameCollisionError
+from .heads import HeadConfig, PredictionHead
+
+__all__ = ["AdapterModel", "AdapterModelMixin", "init"]
+
+HEAD_CONFIG = "head_config.json"
+HEAD_WEIGHTS = "head_model.safetensors"
+
+
+class AdapterModelMixin:
+    """AdapterHub's model methods. Mixed into a model's class by :func:`init` (or used by :class:`AdapterModel`)."""
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def add_adapter(
+        self, adapter_name: str, config: Any = "seq_bn", overwrite_ok: bool = False, set_active: bool = False
+    ) -> None:
+        if overwrite_ok and adapter_name in api.list_adapters(self):
+            api.remove(self, adapter_name)
+        api.inject(self, {adapter_name: config}, activate=set_active)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        api.remove(self, adapter_name)
+        if adapter_name in self._heads():
+            self.delete_head(adapter_name)
+
+    def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False) -> None:
+        setup = parse_setup(adapter_setup)
+        names = setup.names()
+        api.activate(self, setup)
+        trainable = set()
+        for name in names:
+            trainable |= {id(p) for p in api.adapter_parameters(self, name).values()}
+        heads = self._heads()
+        for name in names:
+            if name in heads:
+                trainable |= {id(p) for p in heads[name].parameters()}
+        if not heads:  # an HF model with its own task head (classifier, score, ...)
+            trainable |= {id(p) for p in api.head_parameters(self).values()}
+        if train_embeddings:
+            trainable |= {id(p) for p in self.get_input_embeddings().parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.train()
+        self._set_active_head(names)
+
+    def set_active_adapters(self, adapter_setup: Any) -> None:
+        api.activate(self, adapter_setup)
+        if adapter_setup is not None:
+            self._set_active_head(parse_setup(adapter_setup).names())
+
+    @property
+    def active_adapters(self) -> Block | None:
+        return api.active_setup(self)
+
+    def has_adapters(self) -> bool:
+        return bool(api.list_adapters(self))
+
+    def merge_adapter(self, name: str) -> None:
+        api.merge(self, name)
+
+    def eject_prefix_tuning(self, name: str) -> None:
+        api.eject_prefix(self, name)
+
+    # -- fusion ---------------------------------------------------------------------------------------------
+    def add_adapter_fusion(
+        self, adapter_names: Any, config: Any = "dynamic", set_active: bool = False
+    ) -> None:
+        api.add_fusion(self, adapter_names, config, activate=set_active)
+
+    def train_adapter_fusion(self, adapter_setup: Any, unfreeze_adapters: bool = False) -> None:
+        setup = parse_setup(adapter_setup, nested=True)
+        fuse = setup if not isinstance(setup, str) else parse_setup([setup])
+        api.train_fusion(
+            self,
+            fuse if type(fuse).__name__ == "Fuse" else fuse.children[0],
+            unfreeze_adapters=unfreeze_adapters,
+        )
+
+    # -- saving and loading ---------------------------------------------------------------------------------
+    def save_adapter(
+        self, save_directory: str | os.PathLike, adapter_name: str, with_head: bool = True
+    ) -> None:
+        folder = Path(save_directory)
+        heads = self._heads()
+        io.save_adapter(
+            self, folder, adapter_name, with_head=with_head and not heads and bool(api.head_parameters(self))
+        )
+        if with_head and adapter_name in heads:
+            head = heads[adapter_name]
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                str(folder / HEAD_WEIGHTS),
+            )
+            (folder / HEAD_CONFIG).write_text(
+                json.dumps(
+                    {"format": "fxadapt-head", "name": adapter_name, "config": head.config.to_dict()},
+                    indent=2,
+                )
+                + "\n"
+            )
+
+    def save_all_adapters(self, save_directory: str | os.PathLike, with_head: bool = True) -> None:
+        for name in api.list_adapters(self):
+            self.save_adapter(Path(save_directory) / name, name, with_head=with_head)
+
+    def load_adapter(
+        self,
+        adapter_name_or_path: str | os.PathLike,
+        load_as: str | None = None,
+        set_active: bool = False,
+        with_head: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        folder = Path(adapter_name_or_path)
+        head_file = folder / HEAD_CONFIG
+        own_head = with_head and head_file.is_file() and '"fxadapt-head"' in head_file.read_text()
+        name = io.load_adapter(
+            self,
+            adapter_name_or_path,
+            name=load_as,
+            activate=set_active,
+            load_head=with_head and not own_head,
+            **kwargs,
+        )
+        if own_head:
+            try:
+                meta = json.loads(head_file.read_text())
+                config = HeadConfig(**meta["config"])
+                self._add_head(name, config, overwrite_ok=True)
+                self._heads()[name].load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
+            except Exception as exc:
+                api.remove(self, name)
+                if name in self._heads():
+                    self.delete_head(name)
+                raise CheckpointError(f"loading the head saved with adapter {name!r} failed: {exc}") from exc
+        if set_active:
+            self._set_active_head([name])
+        return name
+
+    # -- heads ----------------------------------------------------------------------------------------------
+    def _heads(self) -> nn.ModuleDict:
+        return self.__dict__.get("_modules", {}).get("heads") or nn.ModuleDict()
+
+    def _add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False) -> None:
+        heads = self._modules.get("heads")
+        if heads is None:
+            heads = nn.ModuleDict()
+            self.add_module("heads", heads)
+        if name in heads and not overwrite_ok:
+            raise NameCollisionError(f"a head named {name!r} exists; pass overwrite_ok=True to replace it")
+        cfg = getattr(self, "config", None)
+        head = PredictionHead(
+            config, cfg.hidden_size, getattr(cfg, "vocab_size", None), getattr(cfg, "pad_token_id", None)
+        )
+        head._causal = not getattr(cfg, "is_encoder_decoder", False) and bool(
+            getattr(cfg, "is_decoder", False) or getattr(cfg, "model_type", "") in _CAUSAL
+        )
+        ref = next(self.parameters())
+        heads[name] = head.to(ref.device).train(self.training)
+        self.__dict__["active_head"] = name
+
+    def add_classification_head(
+        self,
+        head_name: str,
+        num_labels: int = 2,
+        layers: int = 2,
+        activation_function: str = "tanh",
+        overwrite_ok: bool = False,
+        multilabel: bool = False,
+        id2label: dict | None = None,
+        use_pooler: bool = False,
+    ) -> None:
+        kind = "multilabel_classification" if multilabel else "classification"
+        self._add_head(
+            head_name,
+            HeadConfig(
+                kind,
+                num_labels,
+                layers,
+                activation_function,
+                use_pooler=use_pooler,
+                id2label={str(k): v for k, v in (id2label or {}).items()},
+            ),
+            overwrite_ok,
+        )
+
+    def add_multilabel_classification_head(self, head_name: str, num_labels: int = 2, **kwargs: Any) -> None:
+        self.add_classification_head(head_name, num_labels, multilabel=True, **kwargs)
+
+    def add_tagging_head(
+        self,
+        head_name: str,
+        num_labels: int = 2,
+        layers: int = 1,
+        activation_function: str = "tanh",
+        overwrite_ok: bool = False,
+    ) -> None:
+        self._add_head(
+            head_name, HeadConfig("tagging", num_labels, layers, activation_function), overwrite_ok
+        )
+
+    def add_multiple_choice_head(
+        self,
+        head_name: str,
+        num_choices: int = 2,
+        layers: int = 2,
+        activation_function: str = "tanh",
+        overwrite_ok: bool = False,
+    ) -> None:
+        self._add_head(
+            head_name, HeadConfig("multiple_choice", num_choices, layers, activation_function), overwrite_ok
+        )
+
+    def add_qa_head(
+        self,
+        head_name: str,
+        num_labels: int = 2,
+        layers: int = 1,
+        activation_function: str = "tanh",
+        overwrite_ok: bool = False,
+    ) -> None:
+        self._add_head(
+            head_name, HeadConfig("question_answering", num_labels, layers, activation_function), overwrite_ok
+        )
+
+    def add_causal_lm_head(self, head_name: str, layers: int = 1, overwrite_ok: bool = False) -> None:
+        self._add_head(head_name, HeadConfig("causal_lm", layers=layers, bias=False), overwrite_ok)
+
+    def add_masked_lm_head(
+        self, head_name: str, layers: int = 2, activation_function: str = "gelu", overwrite_ok: bool = False
+    ) -> None:
+        self._add_head(
+            head_name,
+            HeadConfig("masked_lm", layers=layers, activation_function=activation_function),
+            overwrite_ok,
+        )
+
+    def delete_head(self, head_name: str) -> None:
+        heads = self._heads()
+        if head_name not in heads:
+            raise AdapterNotFoundError(f"no head named {head_name!r}; heads: {sorted(heads)}")
+        del heads[head_name]
+        if self.__dict__.get("active_head") == head_name:
+            self.__dict__["active_head"] = None
+
+    def _set_active_head(self, names: list[str]) -> None:
+        heads = self._heads()
+        for name in reversed(names):
+            if name in heads:
+                self.__dict__["active_head"] = name
+                return
+
+
+_CAUSAL = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "phi3", "gemma", "opt", "bloom", "falcon"}
+
+
+class AdapterModel(AdapterModelMixin, nn.Module):
+    """A Hugging Face base model (``AutoModel``) with named prediction heads (AdapterHub's ``AutoAdapterModel``)."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.__dict__["active_head"] = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> AdapterModel:
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(path, **kwargs))
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Any = None,
+        head: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward, then the active (or named) head. ``adapter_names`` activates a setup for
+        this call only; multiple-choice inputs are ``[batch, choices, tokens]``."""
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+            "pixel_values": pixel_values,
+        }
+        inputs = {k: v for k, v in inputs.items() if v is not None} | kwargs
+        if adapter_names is not None:
+            previous = api.active_setup(self)
+            api.activate(self, adapter_names)
+            try:
+                return self.forward(**inputs, labels=labels, head=head or _last_head(self, adapter_names))
+            finally:
+                api.activate(self, previous)
+        num_choices = None
+        if input_ids is not None and input_ids.dim() == 3:  # multiple choice: [batch, choices, tokens]
+            num_choices = input_ids.shape[1]
+            inputs = {
+                k: (v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() == 3 else v)
+                for k, v in inputs.items()
+            }
+        out = self.model(**inputs)
+        name = head or self.__dict__.get("active_head")
+        if name is None:
+            return out
+        heads = self._heads()
+        if name not in heads:
+            raise AdapterNotFoundError(f"no head named {name!r}; heads: {sorted(heads)}")
+        return heads[name](
+            out[0],
+            input_ids=inputs.get("input_ids"),
+            pooled=getattr(out, "pooler_output", None),
+            labels=labels,
+            num_choices=num_choices,
+        )
+
+
+def _last_head(model: AdapterModelMixin, setup: Any) -> str | None:
+    heads = model._heads()
+    return next((n for n in reversed(parse_setup(setup).names()) if n in heads), None)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _subclass(cls: type) -> type:
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(
+            cls.__name__,
+            (AdapterModelMixin, cls),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__reduce_ex__": _reduce_ex,
+                "_fxadapt_compat_base": cls,
+            },
+        )
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def _rebuild(cls: type) -> nn.Module:
+    obj = cls.__new__(cls)
+    obj.__class__ = _subclass(cls)
+    return obj
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
+    return (_rebuild, (type(self)._fxadapt_compat_base,), self.__getstate__())
+
+
+def _adapter_names_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        model.__dict__.setdefault("_fxadapt_setup_stack", []).append(api.active_setup(model))
+        api.activate(model, names)
+    return args, kwargs
+
+
+def _adapter_names_post_hook(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    stack = model.__dict__.get("_fxadapt_setup_stack")
+    if stack:
+        api.activate(model, stack.pop())
+
+
+def init(model: nn.Module) -> nn.Module:
+    """Give an HF model AdapterHub's methods (``add_adapter``, ``train_adapter``, ``set_active_adapters``,
+    heads, ``save_all_adapters``, ``model(..., adapter_names=...)``), in place; returns the model."""
+    if isinstance(model, AdapterModelMixin):
+        return model
+    model.__class__ = _subclass(type(model))
+    model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True, prepend=True)
+    model.register_forward_hook(_adapter_names_post_hook, with_kwargs=True, always_call=True)
+    return model
