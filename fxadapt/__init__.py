@@ -39,7 +39,6 @@ from .errors import (
     NotMergeableError,
     SiteNotFoundError,
 )
-from .formats.adapterhub import load_adapter_fusion, save_adapter_fusion
 from .fusion import FusionConfig
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
@@ -84,12 +83,10 @@ __all__ = [
     "inject",
     "list_adapters",
     "load_adapter",
-    "load_adapter_fusion",
     "merge",
     "remove",
     "remove_fusion",
     "save_adapter",
-    "save_adapter_fusion",
     "train_adapter",
     "train_fusion",
     "unmerge",
