@@ -17,7 +17,7 @@ background load hits all alike; ``paired`` is the median over rounds of time / r
 shared CPU only the ratios mean anything. ``first`` is each provider's first call (lazy tracing, optimizer state).
 Rows are appended as JSONL to bench/results/models.jsonl (``--out``).
 
-    python bench/models.py                      # both models (~4 min on an idle 2-core machine)
+    python bench/models.py                      # both models (~3-4 min on an idle 2-core machine)
     python bench/models.py --quick              # MiniLM only, fewer repeats (~1 min)
     python bench/models.py --models minilm --repeats 30 --out /tmp/rows.jsonl
     python bench/models.py --threads 1          # far less sensitive to background load (docs/benchmarks.md)
@@ -254,7 +254,9 @@ def main() -> None:
     print(f"# {info['cpu']}, {info['threads']} threads, torch {info['torch']}, transformers "
           f"{info['transformers']}, peft {info['peft']}, fxadapt @ {info['git_sha']}"
           f"{' (dirty)' if info['fxadapt_dirty'] else ''}; batch 8 x seq 128")  # fmt: skip
-    print("# CPU timings on a shared machine: read the ratios, not the absolute milliseconds.")
+    print(
+        "# CPU timings: read the ratios, not the milliseconds; on a busy machine 2 threads stall (try --threads 1)"
+    )
     rows = []
     for name in models:
         if name not in REPEATS:
