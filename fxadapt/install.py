@@ -88,7 +88,8 @@ class LayerState:
     def trace(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]) -> Traced:
         traced = self.find_traced(layer, key, leaves)
         if traced is None:
-            capture = trace_layer(layer, self.orig_class.forward, args, kwargs)
+            # a new kind of call at run time: verified against the values computed while tracing it
+            capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
             traced = Traced(capture, find_sites(layer, capture.graph))
             self.add_traced(key, traced)
         return traced
