@@ -45,6 +45,7 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptTuningConfig
 from .routing import adapter_ids
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "Parallel",
     "PerRow",
     "PrefixTuningConfig",
+    "PromptTuningConfig",
     "SiteNotFoundError",
     "Split",
     "Stack",

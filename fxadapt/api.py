@@ -26,6 +26,7 @@ from .errors import (
 from .fusion import AdapterFusion, FusionConfig, fusion_config
 from .install import install, layer_state, uninstall
 from .methods.base import AdapterConfig, method_for, preset
+from .methods.prompt import SoftPrompt, find_embed_module, install_prompt_hooks, remove_prompt_hooks
 from .model import (
     CONTAINER,
     AdapterRecord,
@@ -123,11 +124,22 @@ def inject(
 
     staged: list[tuple[int, str, str, nn.Module]] = []
     records: dict[str, AdapterRecord] = {}
+    model_hooks: list[nn.Module] = []  # embedding modules that model-level methods (prompt tuning) hook
     for name, config in items:
         method = method_for(config)
         placements: dict[int, list[str]] = {}
         located = {}
         satisfied: set[str] = set()
+        if getattr(method, "model_level", False):  # prompt tuning: the model's input, not a layer site
+            _, embed = find_embed_module(model, layers[0], example_inputs)
+            hidden = next((s.hidden_size for s in primed[0][1].report.residual), None)
+            get_emb = getattr(model, "get_input_embeddings", None)
+            module = SoftPrompt(config, hidden, get_emb() if callable(get_emb) else None)
+            module.to(**_placement(layers[0])).train(layers[0].training)
+            staged.append((0, name, "embed", module))
+            records[name] = AdapterRecord(config, {0: ("embed",)}, {})
+            model_hooks.append(embed)
+            continue
         for index, (layer, (_, traced)) in enumerate(zip(layers, primed)):
             if not method.applies_to_layer(config, index):
                 continue
@@ -183,6 +195,8 @@ def inject(
                 added.append((layer, name))
             container[name][site_key(kind)] = module
         state.adapters.update(records)
+        for embed in model_hooks:
+            install_prompt_hooks(model, embed)
         if activate:
             state.active = Stack(*records)
         set_state(model, state)
@@ -347,6 +361,8 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             if not container:
                 del layer._modules[CONTAINER]
     _apply_plans(model, state)
+    if not any(getattr(method_for(r.config), "model_level", False) for r in state.adapters.values()):
+        remove_prompt_hooks(model)
     for layer in layers:
         if CONTAINER not in layer._modules:
             uninstall(layer)

@@ -65,13 +65,16 @@ class LayerState:
         return LayerState(self.orig_class, self.index, copy.deepcopy(self.plan, memo))
 
     def set_plan(self, plan: LayerPlan) -> None:
-        if plan == self.plan:
+        if plan == self.plan and plan:
             return
         self.plan = plan
+        from .kernels import backend_mode
+
         try:
             key: Any = hash(plan) and plan
         except TypeError:  # a config with a mapping field: key by its text
             key = repr(plan)
+        key = (key, backend_mode())  # lowering to fused kernels depends on the kernel backend
         if key not in self.compiled and len(self.compiled) >= 16:
             self.compiled.pop(next(iter(self.compiled)))
         self.runners = self.compiled.setdefault(key, {})

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _MODEL_STATE = "_fxadapt_model"
+MODEL_LEVEL_KINDS = frozenset({"embed"})
 CONTAINER = "fxadapt"
 
 
@@ -181,6 +182,8 @@ def plan_for(state: ModelState, index: int) -> LayerPlan:
         if record.merged:
             continue
         for kind in record.placements.get(index, ()):
+            if kind in MODEL_LEVEL_KINDS:  # applied by hooks on the model's input, not in a layer's code
+                continue
             sites.setdefault(kind, []).append(
                 AdapterRef(name, f"{CONTAINER}.{name}.{site_key(kind)}", record.config)
             )
