@@ -39,6 +39,7 @@ from .errors import (
     NotMergeableError,
     SiteNotFoundError,
 )
+from .formats.adapterhub import load_adapter_fusion, save_adapter_fusion
 from .fusion import FusionConfig
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
@@ -85,10 +86,12 @@ __all__ = [
     "inject",
     "list_adapters",
     "load_adapter",
+    "load_adapter_fusion",
     "merge",
     "remove",
     "remove_fusion",
     "save_adapter",
+    "save_adapter_fusion",
     "train_adapter",
     "train_fusion",
     "unmerge",

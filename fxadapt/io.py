@@ -54,9 +54,27 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, name: str, *, with_head: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str,
+    *,
+    with_head: bool = False,
+    format: str = "fxadapt",
+    **options: Any,
 ) -> Path:
-    """Write adapter ``name`` (and, with ``with_head=True``, the model's prediction head) to ``directory``."""
+    """Write adapter ``name`` (and, with ``with_head=True``, the model's prediction head) to ``directory``.
+
+    ``format="adapterhub"`` or ``"peft"`` writes a folder the peer library loads (see ``docs/formats.md``);
+    ``options`` go to that writer (``use_safetensors`` for AdapterHub).
+    """
+    if format != "fxadapt":
+        from .formats import save
+
+        return save(model, directory, name, fmt=format, with_head=with_head, **options)
+    if options:
+        raise ConfigError(
+            f"save_adapter: options {sorted(options)} apply to format='adapterhub' / 'peft' only"
+        )
     state = get_state(model)
     if state is None:
         from .api import _no_adapters
@@ -138,18 +156,34 @@ def load_adapter(
     load_head: bool = True,
     activate: bool = True,
     example_inputs: Any = None,
+    format: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> str:
-    """Inject and load the adapter saved in ``directory`` in one step; returns its name.
+    """Inject and load an adapter in one step; returns its name.
+
+    ``directory`` is a folder written by fxadapt, AdapterHub (``model.save_adapter``) or PEFT
+    (``save_pretrained``), or a Hugging Face hub id (``"org/name"``, or a legacy AdapterHub id like
+    ``"sentiment/sst-2@ukp"``) resolved through the local cache (``revision``, ``cache_dir``, ``HF_HUB_OFFLINE``).
 
     Args:
         name: name to give the adapter in this model (default: the saved name).
         load_head: also load saved prediction-head weights into the model's head (shapes must match).
+        format: ``"fxadapt"``, ``"adapterhub"`` or ``"peft"``; detected from the folder when omitted.
 
     Raises:
         CheckpointError: missing/corrupt files, unknown config keys, a model of another hidden size or layer count,
             weights that do not match the adapter's shapes. The model is unchanged when it is raised.
     """
-    folder = Path(directory)
+    from . import formats
+    from .formats.hub import resolve
+
+    folder = resolve(directory, model=model, revision=revision, cache_dir=cache_dir)
+    fmt = format or formats.detect_format(folder)
+    if fmt != "fxadapt":
+        return formats.load(
+            model, folder, fmt, name, load_head=load_head, activate=activate, example_inputs=example_inputs
+        )
     meta = _read_json(folder / CONFIG_NAME)
     unknown = sorted(set(meta) - _META_KEYS)
     if unknown or meta.get("format") != "fxadapt":

@@ -1,0 +1,744 @@
+"""AdapterHub ``adapters`` checkpoints: adapter folders (bottleneck, LoRA, (IA)^3), their heads, AdapterFusion.
+
+Folders, as ``adapters`` 1.x writes them (``adapters/utils.py``):
+
+- adapter: ``adapter_config.json`` (``{"config", "hidden_size", "model_class", "model_name", "model_type", "name",
+  "version"}``) + ``pytorch_adapter.bin`` or ``adapter.safetensors``;
+- head, beside it: ``head_config.json`` + ``pytorch_model_head.bin`` or ``model_head.safetensors``;
+- fusion: ``adapter_fusion_config.json`` (``"adapter_names"``) + ``pytorch_model_adapter_fusion.bin`` or
+  ``model_adapter_fusion.safetensors``.
+
+Saved keys name a module path; which fxadapt site it is comes from the layer's graph, not from per-model tables:
+
+- bottleneck ``<layer>.<owner>[.<x>_adapters].adapters.<name>.<param>``: a ``*_adapters`` container is named
+  after AdapterHub's location key (``attention_adapters`` → ``attn.out``, ``output_adapters`` → ``ffn.out``,
+  ``cross_attention_adapters`` → ``cross.out``); without one, the owner is the module that holds the sublayer's
+  output projection (BERT's ``attention.output``, T5's ``layer.1``): the site is the residual site whose producer
+  lies inside it. Fusion layers sit beside the adapters: ``...adapter_fusion_layer.<a,b>.<query|key|value>``.
+- LoRA / (IA)^3 ``<layer>.<projection>.loras.<name>.lora_A|lora_B``: the module site of that projection; a fused
+  projection (GPT-2's ``c_attn``, AdapterHub's ``LoRAMergedLinear``) holds its enabled q/k/v parts stacked and
+  splits into fxadapt's slice sites. The sites come from the keys, so AdapterHub's per-model choices carry over
+  (LLaMA's "intermediate" LoRA is on ``down_proj``; ``selfattn_lora`` also adapts cross-attention).
+
+Writing must put weights where AdapterHub will look, which differs per family: :data:`HOMES` (bottleneck) and
+:data:`FFN_LORA` (LoRA), one row per family; :data:`STATIC_HEADS` says which HF heads equal which AdapterHub heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, FxAdaptError, nearest
+from . import (
+    LayerPaths,
+    Translated,
+    check_model,
+    describe,
+    listed,
+    module_parameters,
+    ordered,
+    read_json,
+    read_tensors,
+    site_reports,
+)
+
+__all__ = ["load_adapter_fusion", "read_adapter", "save_adapter_fusion", "write_adapter"]
+
+logger = logging.getLogger("fxadapt")
+
+# (config, safetensors, pickle) file names of an adapter, a head and a fusion folder
+ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin")
+HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")
+FUSION_FILES = (
+    "adapter_fusion_config.json",
+    "model_adapter_fusion.safetensors",
+    "pytorch_model_adapter_fusion.bin",
+)
+
+# fmt: off
+# AdapterHub's location keys: the container a model keeps on the layer for each residual site
+CONTAINERS = {"attention_adapters": "attn.out", "output_adapters": "ffn.out", "cross_attention_adapters": "cross.out"}
+# Where AdapterHub keeps bottleneck (and fusion) layers, relative to the layer: "parent" = the module owning the
+# site's output projection (BERT's BertSelfOutput / BertOutput), "sublayer" = the layer's sublayer holding it
+# (T5's layer.N), or a path per site kind. Other model types: the CONTAINERS on the layer.
+HOMES: dict[str, str | dict[str, str]] = {
+    "bert": "parent", "roberta": "parent", "xlm-roberta": "parent", "electra": "parent", "deberta": "parent",
+    "deberta-v2": "parent", "xmod": "parent", "bert-generation": "parent",
+    "t5": "sublayer", "mt5": "sublayer",
+    "vit": {"attn.out": "attention_adapters", "ffn.out": "output.output_adapters"},
+}
+# AdapterHub's LoRA locations of FFN projections; LLaMA-style models wrap down_proj as "intermediate"
+FFN_LORA = {
+    "llama": {"ffn.down": "intermediate", "ffn.up": "output"},
+    "mistral": {"ffn.down": "intermediate", "ffn.up": "output"},
+}
+FFN_LORA_DEFAULT = {"ffn.up": "intermediate", "ffn.down": "output"}
+# HF head class -> the AdapterHub flex head it equals (adapters' head_utils.STATIC_TO_FLEX_HEAD_MAP): head_type,
+# layers, activation (compared when layers > 1), use_pooler, {flex-head index: module of the HF head}
+_POOLED = ("classification", 1, None, True, {1: "classifier"})
+_DENSE = ("classification", 2, "tanh", False, {1: "classifier.dense", 4: "classifier.out_proj"})
+_HEAD = ("classification", 2, "tanh", False, {1: "classification_head.dense", 4: "classification_head.out_proj"})
+_SCORE = ("classification", 1, None, False, {1: "score"})
+_TAGGING = ("tagging", 1, None, False, {1: "classifier"})
+STATIC_HEADS: dict[str, tuple[str, int, str | None, bool, dict[int, str]]] = {
+    "BertForSequenceClassification": _POOLED, "BertForTokenClassification": _TAGGING,
+    "RobertaForSequenceClassification": _DENSE, "RobertaForTokenClassification": _TAGGING,
+    "XLMRobertaForSequenceClassification": _DENSE, "XLMRobertaForTokenClassification": _TAGGING,
+    "DistilBertForSequenceClassification": ("classification", 2, "relu", False, {1: "pre_classifier", 4: "classifier"}),
+    "DistilBertForTokenClassification": _TAGGING,
+    "ElectraForSequenceClassification": ("classification", 2, "gelu", False, {1: "classifier.dense", 4: "classifier.out_proj"}),
+    "ElectraForTokenClassification": _TAGGING,
+    "DebertaV2ForSequenceClassification": ("classification", 2, "gelu", False, {1: "pooler.dense", 4: "classifier"}),
+    "GPT2ForSequenceClassification": _SCORE, "GPT2ForTokenClassification": _TAGGING,
+    "LlamaForSequenceClassification": _SCORE, "MistralForSequenceClassification": _SCORE,
+    "BartForSequenceClassification": _HEAD, "T5ForSequenceClassification": _HEAD,
+    "ViTForImageClassification": ("image_classification", 1, None, False, {1: "classifier"}),
+}
+
+# AdapterHub's BnConfig defaults, and its string presets (adapters' ADAPTER_CONFIG_MAP)
+_BN = dict(
+    original_ln_before=False, original_ln_after=True, ln_before=False, ln_after=False, init_weights="bert",
+    init_weights_seed=None, is_parallel=False, scaling=1.0, use_gating=False, residual_before_ln=True,
+    adapter_residual_before_ln=False, inv_adapter=None, inv_adapter_reduction_factor=None, cross_adapter=False,
+    leave_out=[], dropout=0.0, phm_layer=False, stochastic_depth=0.0,
+)
+_SEQ = {**_BN, "original_ln_before": True, "mh_adapter": False, "output_adapter": True, "non_linearity": "relu",
+        "reduction_factor": 16}
+_DOUBLE = {**_BN, "mh_adapter": True, "output_adapter": True, "non_linearity": "swish", "reduction_factor": 16}
+_PAR = {**_BN, "mh_adapter": False, "output_adapter": True, "non_linearity": "relu", "reduction_factor": 2,
+        "init_weights": "mam_adapter", "is_parallel": True, "scaling": 4.0}
+_INV = {"inv_adapter": "nice", "inv_adapter_reduction_factor": 2}
+_IA3 = {"architecture": "lora", "intermediate_lora": True, "r": 1, "alpha": 1, "attn_matrices": ["k", "v"],
+        "composition_mode": "scale", "init_weights": "ia3"}
+PRESETS: dict[str, dict[str, Any]] = {
+    "seq_bn": _SEQ, "pfeiffer": _SEQ, "double_seq_bn": _DOUBLE, "houlsby": _DOUBLE, "par_bn": _PAR,
+    "parallel": _PAR, "scaled_par_bn": {**_PAR, "scaling": "learned"}, "scaled_parallel": {**_PAR, "scaling": "learned"},
+    "seq_bn_inv": {**_SEQ, **_INV}, "pfeiffer+inv": {**_SEQ, **_INV},
+    "double_seq_bn_inv": {**_DOUBLE, **_INV}, "houlsby+inv": {**_DOUBLE, **_INV},
+    "compacter++": {**_SEQ, "phm_layer": True, "reduction_factor": 32, "non_linearity": "gelu"},
+    "compacter": {**_DOUBLE, "phm_layer": True, "reduction_factor": 32, "non_linearity": "gelu"},
+    "lora": {"architecture": "lora"}, "ia3": _IA3, "vera": {"architecture": "lora", "vera_d": 0.1, "vera_b": 0.0},
+    "dora": {"architecture": "lora", "use_dora": True},
+    "dvora": {"architecture": "lora", "use_dora": True, "vera_d": 0.1, "vera_b": 0.0},
+    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning"},
+    "prompt_tuning": {"architecture": "prompt_tuning"}, "mtl_lora": {"architecture": "mtl_lora"},
+    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft"}, "direft": {"architecture": "reft"},
+    "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
+}
+UNSUPPORTED_ARCHITECTURES = {
+    "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
+    "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
+    "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
+    "reft": "representation fine-tuning (architecture 'reft': LoReFT / NoReFT / DiReFT)",
+    "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
+}
+# adapter-transformers 1/2: activation names (configs without "version") and key names
+_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
+_LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
+                "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
+                "invertible_lang_adapters": "invertible_adapters"}
+_BOTTLENECK_PARAMS = {"adapter_up": "up", "adapter_norm_before": "norm_before", "adapter_norm_after": "norm_after",
+                      "scaling": "scaling"}
+# fmt: on
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def _bottleneck_fields() -> list[str]:
+    """BottleneckConfig fields named as in AdapterHub's BnConfig (all but ``sites``)."""
+    from ..methods.bottleneck import BottleneckConfig
+
+    return [f.name for f in dataclasses.fields(BottleneckConfig) if f.name != "sites"]
+
+
+def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
+    """The full config dict of an ``adapter_config.json`` ``"config"`` entry (a dict or a preset name)."""
+    if isinstance(raw, str):
+        if raw not in PRESETS:
+            raise CheckpointError(
+                f"{source}: unknown AdapterHub config name {raw!r}; expected one of {sorted(PRESETS)}"
+                f"{nearest(raw, PRESETS)}"
+            )
+        raw = PRESETS[raw]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: 'config' must be a dict or a preset name, got {type(raw).__name__}")
+    architecture = raw.get("architecture")
+    if architecture in UNSUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{source}: {UNSUPPORTED_ARCHITECTURES[architecture]} is not supported by fxadapt"
+        )
+    if architecture == "lora":
+        return dict(raw)
+    if architecture not in (None, "bottleneck"):
+        raise CheckpointError(f"{source}: unknown AdapterHub architecture {architecture!r}")
+    data = {**_BN, **raw}
+    if not version and data.get("non_linearity") in _ACTIVATION_RENAME:
+        data["non_linearity"] = _ACTIVATION_RENAME[data["non_linearity"]]
+    return data
+
+
+def bottleneck_config(data: dict[str, Any], has_invertible: bool, source: str) -> Any:
+    from ..methods.bottleneck import BottleneckConfig
+
+    unsupported = [
+        why
+        for why, present in (
+            ("phm_layer=True (Compacter's PHM layers)", data.get("phm_layer")),
+            ("use_gating=True (gated adapters)", data.get("use_gating")),
+            (
+                f"stochastic_depth={data.get('stochastic_depth')} (drop path)",
+                (data.get("stochastic_depth") or 0) > 0,
+            ),
+            (
+                f"inv_adapter={data.get('inv_adapter')!r} (invertible adapters)",
+                data.get("inv_adapter") and has_invertible,
+            ),
+        )
+        if present
+    ]
+    if unsupported:
+        raise CheckpointError(
+            f"{source}: unsupported AdapterHub bottleneck feature(s): {', '.join(unsupported)}"
+        )
+    missing = [
+        k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in data
+    ]
+    if missing:
+        raise CheckpointError(f"{source}: bottleneck config lacks required field(s) {missing}")
+    flags = (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"), ("cross_adapter", "cross.out"))
+    kwargs = {k: data[k] for k in _bottleneck_fields()}
+    if isinstance(kwargs["scaling"], int) and not isinstance(kwargs["scaling"], bool):
+        kwargs["scaling"] = float(kwargs["scaling"])
+    kwargs["leave_out"] = tuple(kwargs["leave_out"] or ())
+    try:
+        return BottleneckConfig(sites=tuple(kind for key, kind in flags if data.get(key)), **kwargs)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+
+
+def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
+    from ..methods.lora import LoRAConfig
+
+    keys = ("use_gating", "use_dora", "vera_d", "vera_b")
+    unsupported = [f"{k}={data[k]!r}" for k in keys if data.get(k) not in (None, False)]
+    if unsupported:
+        raise CheckpointError(f"{source}: unsupported AdapterHub LoRA feature(s): {', '.join(unsupported)}")
+    data = dict(data)
+    old = isinstance(version, str) and version.startswith(
+        "adapters."
+    )  # < 1.1.0 ran alpha = r (adapters #770)
+    if old and tuple(int(x) for x in re.findall(r"\d+", version)[:3]) < (1, 1, 0):
+        data["alpha"] = data.get("r", 8)
+    try:
+        return LoRAConfig.from_adapterhub(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# keys -> sites
+
+
+def _split_key(key: str, marker: str, name: str) -> tuple[str, str] | None:
+    """``(module path, parameter)`` of ``<module path>.<marker>.<name>.<parameter>``."""
+    dotted = "." + key
+    at = dotted.find(f".{marker}.{name}.")
+    return None if at < 0 else (dotted[1:at], dotted[at + len(marker) + len(name) + 3 :])
+
+
+def _residual_kind(report: Any, inner: str) -> str | None:
+    """The residual site kind of a bottleneck home ``inner`` (a path inside the layer)."""
+    parts = inner.split(".") if inner else []
+    if parts and parts[-1] in CONTAINERS:
+        kind = CONTAINERS[parts[-1]]
+        return kind if any(s.kind == kind for s in report.residual) else None
+    owner = ".".join(parts)
+    found = [s.kind for s in report.residual if owner and (s.producer + ".").startswith(owner + ".")]
+    return found[0] if len(found) == 1 else None
+
+
+def _bottleneck_param(param: str, ln_before: bool) -> str | None:
+    """fxadapt's name for an AdapterHub ``Adapter`` parameter; ``""`` for a duplicate entry to skip."""
+    head, _, rest = param.partition(".")
+    if head == "adapter_down":
+        index, _, rest = rest.partition(".")
+        if index == ("1" if ln_before else "0"):
+            return "down." + rest
+        return "" if ln_before and index == "0" else None  # adapter_down.0 is adapter_norm_before
+    ours = _BOTTLENECK_PARAMS.get(head)
+    return None if ours is None else ours + ("." + rest if rest else "")
+
+
+def _unmapped(model: nn.Module, source: str, keys: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{source}: keys that map to no site of {type(model).__name__}: {listed(sorted(keys))}"
+    )
+
+
+def _residual_weights(model, tensors, marker, name, reports, param_of, source):
+    """``...<marker>.<name>.<param>`` keys at residual sites → ``{(layer, kind, our param): tensor}``."""
+    layers = LayerPaths(model)
+    weights, unmapped = {}, []
+    for key, value in tensors.items():
+        split = _split_key(key, marker, name)
+        located = layers.locate(split[0]) if split else None
+        kind = _residual_kind(reports[located[0]], located[1]) if located else None
+        param = param_of(split[1]) if split else None
+        if kind is None or param is None:
+            unmapped.append(key)
+        elif param:
+            weights[(located[0], kind, param)] = value
+    if unmapped:
+        raise _unmapped(model, source, unmapped)
+    return weights
+
+
+def _lora_weights(model, tensors, name, reports, config, source):
+    """LoRA keys → (weights, site kinds in order, layers with weights)."""
+    layers = LayerPaths(model)
+    by_module: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unmapped = []
+    for key, value in tensors.items():
+        split = _split_key(key, "loras", name)
+        located = layers.locate(split[0]) if split else None
+        if located is None or split[1] not in ("lora_A", "lora_B"):
+            unmapped.append(key)
+        else:
+            by_module.setdefault(located, {})[split[1]] = value
+    roles = [m for m in "qkv" if f"attn.{m}" in config.sites]
+    weights: dict[tuple[int, str, str], torch.Tensor] = {}
+    kinds: dict[str, None] = {}
+    for (index, path), params in sorted(by_module.items()):
+        report = reports[index]
+        at = [s for s in report.modules if s.module == path]
+        sliced = sorted((s for s in at if s.out_slice is not None), key=lambda s: s.out_slice)
+        whole = [s.kind for s in at if s.out_slice is None and s.kind != "attn.qkv"]
+        if sliced:  # AdapterHub's LoRAMergedLinear: the enabled parts stacked in q, k, v order
+            for j, site in enumerate(s for s in sliced if s.kind.rsplit(".", 1)[1] in roles):
+                width = site.out_slice[1] - site.out_slice[0]
+                rows = {
+                    "lora_A": slice(j * config.r, (j + 1) * config.r),
+                    "lora_B": slice(j * width, (j + 1) * width),
+                }
+                for p, value in params.items():
+                    weights[(index, site.kind, p)] = value[rows[p]]
+                kinds[site.kind] = None
+            continue
+        kind = whole[0] if whole else (f"linear:{path}" if path in report.linears else None)
+        if kind is None:
+            unmapped += [f"{layers.paths[index]}.{path}.loras.{name}.{p}" for p in params]
+            continue
+        kinds[kind] = None
+        weights.update({(index, kind, p): value for p, value in params.items()})
+    if unmapped:
+        raise _unmapped(model, source, unmapped)
+    return weights, ordered(kinds), {i for i, _ in by_module}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_adapter(
+    model: nn.Module,
+    folder: Path,
+    name: str | None = None,
+    *,
+    load_head: bool = True,
+    example_inputs: Any = None,
+) -> Translated:
+    """Translate the AdapterHub adapter in ``folder`` (see the module docstring) for ``model``."""
+    source = f"AdapterHub adapter {str(folder)!r}"
+    meta = read_json(folder / ADAPTER_FILES[0])
+    check_model(model, meta.get("model_type"), meta.get("hidden_size"), source)
+    saved = meta.get("name")
+    if not isinstance(saved, str) or not saved:
+        raise CheckpointError(f"{source}: adapter_config.json names no adapter ('name': {saved!r})")
+    data = resolve_config(meta.get("config"), meta.get("version"), source)
+    tensors = {}
+    for key, value in read_tensors(folder, *ADAPTER_FILES[1:]).items():
+        for old, new in _LEGACY_KEYS.items():
+            key = key.replace(old, new)
+        tensors[key] = value
+    if data.get("architecture") == "lora":
+        config = lora_config(data, meta.get("version"), source)
+        reports = site_reports(model, example_inputs)
+        weights, sites, used = _lora_weights(model, tensors, saved, reports, config, source)
+        if not sites:
+            raise CheckpointError(f"{source}: holds no LoRA weights for adapter {saved!r}")
+        config = config.replace(sites=sites, leave_out=tuple(i for i in range(len(reports)) if i not in used))
+    else:
+        invertible = any(f"invertible_adapters.{saved}." in k for k in tensors)
+        config = bottleneck_config(data, invertible, source)
+        reports = site_reports(model, example_inputs)
+        ln_before = config.ln_before
+        weights = _residual_weights(
+            model, tensors, "adapters", saved, reports, lambda p: _bottleneck_param(p, ln_before), source
+        )
+    head = _read_head(model, folder, source) if load_head else {}
+    return Translated(name or saved, config, weights, head, source)
+
+
+def _read_head(model: nn.Module, folder: Path, source: str) -> dict[str, torch.Tensor]:
+    """The head saved beside the adapter, keyed by the model's head parameter names."""
+    from ..api import head_parameters
+
+    if not (folder / HEAD_FILES[0]).is_file():
+        return {}
+    meta = read_json(folder / HEAD_FILES[0])
+    tensors = read_tensors(folder, *HEAD_FILES[1:])
+    if not head_parameters(model):
+        logger.warning("%s has no prediction head; loading %s without its head", type(model).__name__, source)
+        return {}
+    flex = meta.get("config")
+    if flex is None:  # a static HF head, saved under the model's own parameter names
+        return tensors
+    cls = type(model).__name__
+    spec = STATIC_HEADS.get(cls)
+    theirs = (
+        flex.get("head_type"),
+        flex.get("layers"),
+        flex.get("activation_function"),
+        bool(flex.get("use_pooler")),
+    )
+    if (
+        spec is None
+        or spec[:2] != theirs[:2]
+        or (spec[1] > 1 and spec[2] != theirs[2])
+        or spec[3] != theirs[3]
+    ):
+
+        def show(h):
+            return f"{h[0]} head (layers={h[1]}, activation_function={h[2]!r}, use_pooler={h[3]})"
+
+        ours = (
+            f"its head equals AdapterHub's {show(spec)}"
+            if spec
+            else "fxadapt knows no AdapterHub head equal to it"
+        )
+        raise CheckpointError(
+            f"{source}: its AdapterHub {show(theirs)} has no equivalent in {cls} ({ours}); pass load_head=False "
+            "to load the adapter alone"
+        )
+    out, unmapped = {}, []
+    for key, value in tensors.items():
+        m = re.fullmatch(rf"heads\.{re.escape(str(meta.get('name')))}\.(\d+)\.(.+)", key)
+        module = spec[4].get(int(m.group(1))) if m else None
+        if module is None:
+            unmapped.append(key)
+        else:
+            out[f"{module}.{m.group(2)}"] = value
+    if unmapped:
+        raise CheckpointError(f"{source}: head weights {listed(unmapped)} have no place in {cls}'s head")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _home(model_type: str | None, kind: str, producer: str) -> str:
+    """Where AdapterHub keeps the bottleneck layer of site ``kind`` (a path inside the layer)."""
+    home = HOMES.get(model_type or "")
+    if home == "parent":
+        return producer.rpartition(".")[0]
+    if home == "sublayer":
+        return ".".join(producer.split(".")[:2])
+    table = home if isinstance(home, dict) else {v: k for k, v in CONTAINERS.items()}
+    if kind not in table:
+        raise CheckpointError(f"AdapterHub keeps no bottleneck adapter at {kind!r} in {model_type!r} models")
+    return table[kind]
+
+
+def _meta(model: nn.Module, name: str | None, config: Any) -> dict[str, Any]:
+    from .. import __version__
+
+    cfg = getattr(model, "config", None)
+    return {
+        "config": config,
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "model_class": type(model).__name__,
+        "model_name": getattr(cfg, "_name_or_path", "") or "",
+        "model_type": getattr(cfg, "model_type", None),
+        "name": name,
+        "version": f"fxadapt.{__version__}",
+    }
+
+
+def _write(
+    folder: Path, files: tuple[str, str, str], meta: dict, tensors: dict, use_safetensors: bool
+) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    if use_safetensors:
+        save_file(tensors, str(folder / files[1]), metadata={"format": "pt"})
+    else:  # what `adapters` reads by default; a plain dict of tensors (torch.load(weights_only=True) reads it)
+        torch.save(tensors, str(folder / files[2]))
+    (folder / files[0]).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str, Any]:
+    ffn = FFN_LORA.get(model_type or "", FFN_LORA_DEFAULT)
+    allowed = {f"{p}.{m}" for p in ("attn", "cross") for m in "qkv"} | set(ffn)
+    if kinds - allowed:
+        raise CheckpointError(
+            f"AdapterHub's LoRA cannot adapt {sorted(kinds - allowed)} in {model_type!r} models; it adapts "
+            f"{sorted(allowed)} (attn_matrices, intermediate_lora, output_lora)"
+        )
+    locations = {ffn[k] for k in kinds if k in ffn}
+    return {
+        "architecture": "lora",
+        "selfattn_lora": bool(kinds - set(ffn)),
+        "intermediate_lora": "intermediate" in locations,
+        "output_lora": "output" in locations,
+        "attn_matrices": [m for m in "qkv" if f"attn.{m}" in kinds or f"cross.{m}" in kinds],
+        "r": config.r,
+        "alpha": config.alpha * math.sqrt(config.r)
+        if config.use_rslora
+        else config.alpha,  # theirs: alpha / r
+        "dropout": config.dropout,
+        "composition_mode": config.composition_mode,
+        "init_weights": config.init_weights if config.init_weights in ("lora", "bert", "ia3") else "lora",
+        "init_weights_seed": None,
+        "leave_out": list(config.leave_out),
+        "use_gating": False,
+        "use_dora": False,
+        "vera_d": None,
+        "vera_b": None,
+        "dtype": None,
+    }
+
+
+def write_adapter(
+    model: nn.Module, folder: Path, name: str, *, with_head: bool = False, use_safetensors: bool = False
+) -> Path:
+    """Write adapter ``name`` as an AdapterHub folder that ``adapters``' ``model.load_adapter(folder)`` loads.
+
+    ``use_safetensors=False`` writes ``pytorch_adapter.bin`` (what ``load_adapter`` reads by default: a plain dict
+    of tensors); ``True`` writes ``adapter.safetensors`` (load it with ``use_safetensors=True``).
+    """
+    from ..api import adapter_parameters
+    from ..model import get_state
+
+    adapter_parameters(model, name)  # raises for an unknown adapter / a model without adapters
+    record = get_state(model).record(name)
+    config = record.config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = LayerPaths(model)
+    params = module_parameters(model, name)
+    if config.method == "bottleneck":
+        data = {
+            **_BN,
+            **{k: getattr(config, k) for k in _bottleneck_fields()},
+            "leave_out": list(config.leave_out),
+        }
+        data.update(
+            {
+                k: kind in config.sites
+                for k, kind in (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"))
+            }
+        )
+        data["cross_adapter"] = "cross.out" in config.sites
+        if isinstance(config.scaling, (int, float)):
+            data["scaling"] = float(config.scaling)  # AdapterHub accepts only a float here
+        tensors = {}
+        for (index, kind, pname), p in params.items():
+            home = _home(model_type, kind, record.sites[(index, kind)].producer)
+            base = f"{layers.saved_path(index, home)}.adapters.{name}"
+            head, _, rest = pname.partition(".")
+            if head == "down":
+                tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
+            if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
+                tensors[f"{base}.adapter_down.0.{rest}"] = p
+            if head != "down":
+                theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
+                tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+    elif config.method in ("lora", "ia3"):
+        data = _lora_dict(config, model_type, {k for _, k in record.sites})
+        tensors = _lora_tensors(model, record, params, name, layers, config, data["attn_matrices"])
+    else:
+        raise CheckpointError(f"AdapterHub format: cannot write {config.method} adapters")
+    _write(folder, ADAPTER_FILES, _meta(model, name, data), tensors, use_safetensors)
+    if with_head:
+        _write_head(model, folder, use_safetensors)
+    return folder
+
+
+def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[str, torch.Tensor]:
+    """LoRA weights under AdapterHub's keys, fused projections stacked. AdapterHub's ``selfattn_lora`` adapts self-
+    and cross-attention alike: sites it adds that fxadapt's adapter lacks get no-op weights (B = 0; 1/alpha in
+    scale mode)."""
+    from ..methods.lora import projection_features
+
+    by_module: dict[tuple[int, str], list] = {}
+    for (index, _), site in record.sites.items():
+        by_module.setdefault((index, site.module), []).append((site, True))
+    for index, report in enumerate(site_reports(model)):
+        for site in report.modules:
+            kind, role = site.kind, site.kind.rsplit(".", 1)[1]
+            wanted = kind.startswith(("attn.", "cross.")) and role in roles and index not in config.leave_out
+            if wanted and (index, kind) not in record.sites:
+                by_module.setdefault((index, site.module), []).append((site, False))
+    scale = config.composition_mode == "scale"
+    out = {}
+    for (index, path), sites in by_module.items():
+        parts: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": []}
+        for site, present in sorted(sites, key=lambda s: s[0].out_slice or (0, 0)):
+            if present:
+                for p in parts:
+                    if (index, site.kind, p) in params:
+                        parts[p].append(params[(index, site.kind, p)])
+                continue
+            in_f, out_f, _ = projection_features(model.get_submodule(f"{layers.paths[index]}.{path}"))
+            rows = site.out_slice[1] - site.out_slice[0] if site.out_slice else out_f
+            parts["lora_B"].append(
+                torch.full((rows, 1 if scale else config.r), 1 / config.alpha if scale else 0.0)
+            )
+            if not scale:
+                parts["lora_A"].append(torch.zeros(config.r, in_f))
+        base = f"{layers.saved_path(index, path)}.loras.{name}"
+        out.update({f"{base}.{p}": torch.cat(ts, 0) for p, ts in parts.items() if ts})
+    return out
+
+
+def _write_head(model: nn.Module, folder: Path, use_safetensors: bool) -> None:
+    """The model's HF head as AdapterHub's static head (``"config": null``, the model's own parameter names)."""
+    from ..api import head_parameters
+
+    head = head_parameters(model)
+    if not head:
+        raise CheckpointError(
+            f"with_head=True, but {type(model).__name__} has no prediction head outside its base model"
+        )
+    cfg = getattr(model, "config", None)
+    meta = _meta(model, None, None)
+    meta["num_labels"] = getattr(cfg, "num_labels", None)
+    meta["label2id"] = {str(v): int(k) for k, v in (getattr(cfg, "id2label", None) or {}).items()}
+    _write(folder, HEAD_FILES, meta, head, use_safetensors)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# AdapterFusion
+
+
+def _fusion_parameters(model: nn.Module, fuse: Any) -> dict[tuple[int, str, str], nn.Parameter]:
+    from ..api import fusion_parameters
+    from ..model import get_state
+    from ..rewrite import site_key
+
+    params = fusion_parameters(model, fuse)  # raises for an unknown fusion
+    state = get_state(model)
+    out = {}
+    for index, kinds in state.fusions[fuse.name].placements.items():
+        for kind in kinds:
+            prefix = f"{state.layer_paths[index]}.fxadapt.{fuse.name}.{site_key(kind)}."
+            out.update(
+                {(index, kind, k[len(prefix) :]): p for k, p in params.items() if k.startswith(prefix)}
+            )
+    return out
+
+
+def load_adapter_fusion(
+    model: nn.Module,
+    path_or_id: Any,
+    *,
+    activate: bool = False,
+    example_inputs: Any = None,
+    revision: str | None = None,
+    cache_dir: Any = None,
+) -> Any:
+    """Add the AdapterFusion layers that AdapterHub's ``save_adapter_fusion`` wrote (a folder or a hub id).
+
+    The fused adapters must already be in the model (load them first). Returns the :class:`~fxadapt.Fuse` block;
+    ``activate=True`` makes it the active setup. A checkpoint that does not fit leaves the model unchanged.
+    """
+    from ..api import activate as activate_setup
+    from ..api import active_setup, add_fusion, remove_fusion
+    from ..compose import Fuse
+    from ..model import get_state
+    from .hub import resolve
+
+    folder = resolve(path_or_id, model=model, revision=revision, cache_dir=cache_dir)
+    source = f"AdapterHub fusion {str(folder)!r}"
+    meta = read_json(folder / FUSION_FILES[0])
+    check_model(model, meta.get("model_type"), meta.get("hidden_size"), source)
+    names = meta.get("adapter_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{source}: 'adapter_names' must list the fused adapters, got {names!r}")
+    state = get_state(model)
+    absent = [n for n in names if state is None or n not in state.adapters]
+    if absent:
+        raise CheckpointError(f"{source}: fuses {names}, but {absent} are not in the model; load them first")
+    fuse = Fuse(*names)
+    tensors = read_tensors(folder, *FUSION_FILES[1:])
+    saved = str(meta.get("name") or ",".join(names))
+    reports = site_reports(model, example_inputs)
+    weights = _residual_weights(model, tensors, "adapter_fusion_layer", saved, reports, lambda p: p, source)
+    previous = active_setup(model)
+    try:
+        add_fusion(model, fuse, meta.get("config") or "dynamic")
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    try:
+        expected = _fusion_parameters(model, fuse)
+        missing = sorted(describe(k) for k in set(expected) - set(weights))
+        extra = sorted(describe(k) for k in set(weights) - set(expected))
+        if missing or extra:
+            raise CheckpointError(
+                f"{source}: weights do not match: missing {listed(missing)}, unexpected {listed(extra)}"
+            )
+        for key, p in expected.items():
+            if tuple(weights[key].shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{source}: {describe(key)} has shape {tuple(weights[key].shape)}, not {tuple(p.shape)}"
+                )
+        with torch.no_grad():
+            for key, p in expected.items():
+                p.copy_(weights[key])
+        if activate:
+            activate_setup(model, fuse)
+    except BaseException as exc:
+        remove_fusion(model, fuse)
+        activate_setup(model, previous)
+        if isinstance(exc, FxAdaptError) or not isinstance(exc, Exception):
+            raise
+        raise CheckpointError(f"loading {source} failed: {exc}") from exc
+    return fuse
+
+
+def save_adapter_fusion(
+    model: nn.Module, directory: Any, setup: Any, *, use_safetensors: bool = False
+) -> Path:
+    """Write the fusion layers of ``setup`` (a ``Fuse`` of adapter names) as AdapterHub's fusion folder."""
+    from ..compose import Fuse
+    from ..model import get_state
+
+    fuse = setup if isinstance(setup, Fuse) else Fuse(*setup)
+    params = _fusion_parameters(model, fuse)
+    if not all(isinstance(c, str) for c in fuse.children):
+        raise CheckpointError(f"AdapterHub saves fusions of adapter names only, not {fuse!r}")
+    state = get_state(model)
+    record = state.fusions[fuse.name]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = LayerPaths(model)
+    tensors = {}
+    for (index, kind, pname), p in params.items():
+        home = _home(model_type, kind, state.adapters[record.children[0]].sites[(index, kind)].producer)
+        tensors[f"{layers.saved_path(index, home)}.adapter_fusion_layer.{fuse.name}.{pname}"] = p
+    meta = {**_meta(model, fuse.name, record.config.to_dict()), "adapter_names": list(fuse.children)}
+    folder = Path(directory)
+    _write(folder, FUSION_FILES, meta, tensors, use_safetensors)
+    return folder
