@@ -127,6 +127,7 @@ def test_legacy_adapterhub_ids(saved):
         legacy_repo("sentiment/imdb@ukp", "bert-base-uncased", cache)
         == "AdapterHub/bert-base-uncased-imdb_pfeiffer"
     )
+    assert legacy_repo("sst-2", "bert-base-uncased", cache) == pfeiffer  # a subtask name alone
     with pytest.raises(fxadapt.CheckpointError, match=r"several adapters"):
         legacy_repo("sentiment", "bert-base-uncased", cache)
     with pytest.raises(fxadapt.CheckpointError, match=r"no AdapterHub adapter 'nli/rte'"):

@@ -235,9 +235,8 @@ def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     if unsupported:
         raise CheckpointError(f"{source}: unsupported AdapterHub LoRA feature(s): {', '.join(unsupported)}")
     data = dict(data)
-    old = isinstance(version, str) and version.startswith(
-        "adapters."
-    )  # < 1.1.0 ran alpha = r (adapters #770)
+    # adapters < 1.1.0 trained LoRA with a faulty scaling; its loader sets alpha = r for them (its #770)
+    old = isinstance(version, str) and version.startswith("adapters.")
     if old and tuple(int(x) for x in re.findall(r"\d+", version)[:3]) < (1, 1, 0):
         data["alpha"] = data.get("r", 8)
     try:

@@ -9,10 +9,11 @@
    were moved to the repos ``AdapterHub/<file>`` on the Hugging Face hub:
 
    - ``"@<org>/<file>"`` → ``AdapterHub/<file>`` (``find_in_index``'s direct form);
-   - ``"<task>/<subtask>[@<org>]"`` → the archive's index for the model (``dist/v2/index/<model name>.json``,
+   - ``"<task>[/<subtask>][@<org>]"`` → the archive's index for the model (``dist/v2/index/<model name>.json``,
      ``model name`` = ``model.config.name_or_path``) lists, per task and subtask, entries by config hash; the entry
      is its ``"default"`` if it has one, else its only config's version by ``org`` (or its only version); its file
-     ``adapters/<org>/<file>.json`` gives ``AdapterHub/<file>``. The index is read from
+     ``adapters/<org>/<file>.json`` gives ``AdapterHub/<file>``. Without a subtask, the task's only subtask, or
+     the only subtask of that name under any task. The index is read from
      ``<cache>/adapterhub-index/<model name>.json``, downloaded there once when online.
 
    ``revision`` names the version: AdapterHub put non-default versions on branches named after them.
@@ -108,8 +109,12 @@ def legacy_repo(
     head, _, org = identifier.strip().partition("@")
     task, _, subtask = head.partition("/")
     index = _index(model_name, cache_dir)
-    tasks = index.get(task, {})
-    entries = [tasks[subtask]] if subtask and subtask in tasks else ([] if subtask else list(tasks.values()))
+    if subtask:
+        entries = [index[task][subtask]] if subtask in index.get(task, {}) else []
+    else:  # adapters' _dict_extract: every subtask of the task, or a subtask of that name under any task
+        entries = list(index.get(task, {}).values()) + [
+            v[task] for k, v in index.items() if k != task and task in v
+        ]
     if not entries:
         raise CheckpointError(f"no AdapterHub adapter {identifier!r} for model {model_name!r} in its index")
     if len(entries) > 1:
@@ -160,7 +165,7 @@ def resolve(
             tried.append(f"hub repo {identifier!r}: {_why(exc)}")
     config = getattr(model, "config", None)
     model_name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
-    if "/" in identifier or identifier.startswith("@"):
+    if not identifier.startswith((".", os.sep)):
         try:
             repo = legacy_repo(identifier, model_name, cache_dir)
         except CheckpointError as exc:
