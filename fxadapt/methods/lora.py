@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, nearest
+from ..compose import Composer
+from ..errors import CompositionError, ConfigError, nearest
 from ..sites import MODULE_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -438,6 +440,13 @@ class LoRAMethod(Method):
             module = LoRA(in_f, stop - start, config, site.out_slice, width)
         return module.train(layer.training)  # an eval model gets an eval adapter (its dropout off)
 
+    def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
+        from ..compose import Stack
+
+        if isinstance(setup, Stack) and len(plan.adapters) == 1:
+            return super().compose_site(emitter, site, setup, plan)  # the single-adapter rule below
+        return compose_lora_site(emitter, site, setup, plan)
+
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
         e = emitter
         call = _graph_node(e, site.node)
@@ -472,3 +481,116 @@ class LoRAMethod(Method):
 
 
 register_preset("lora", lambda: LoRAConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# composition (AdapterHub's LoRALayer semantics)
+
+
+class _LoRAState(NamedTuple):
+    """At one projection: its input, the composed update so far (None: none yet), its output, the last adapter."""
+
+    input: Any
+    hidden: Any
+    output: Any
+    last: str | None
+
+
+class _LoRAComposer(Composer[_LoRAState]):
+    """Stack composes updates as a product (the second LoRA reads the first one's update: Wx + s₂B₂A₂(s₁B₁A₁x)),
+    (IA)^3 scales multiply; Parallel/BatchSplit slice the batch; Average takes AdapterHub's weighted mean."""
+
+    def __init__(self, emitter, site, refs):
+        self.e, self.site, self.refs = emitter, site, refs
+
+    def present(self, name: str) -> bool:
+        return name in self.refs
+
+    def single(self, name: str, state: _LoRAState) -> _LoRAState:
+        ref = self.refs[name]
+        if ref.config.composition_mode == "scale":
+            scale = self.e.call(ref.target, (), name=ref.node_name(self.site.kind))
+            # a per-row tensor (not the bare vector), so that batch slices and concatenations line up
+            base = state.hidden if state.hidden is not None else self._identity(state)
+            hidden = self.e.mul(base, scale)
+        else:
+            if state.hidden is not None:
+                lora = self.e.root.get_submodule(ref.target)
+                if lora.lora_A.shape[1] != lora.lora_B.shape[0]:
+                    raise CompositionError(
+                        f"Stack of LoRA adapters at {self.site.kind!r} ({lora.lora_A.shape[1]} -> "
+                        f"{lora.lora_B.shape[0]} features): a stacked LoRA reads the previous one's update, which "
+                        "needs a square projection (attn.q/k/v/o); stack them at square projections only"
+                    )
+            source = state.input if state.hidden is None else state.hidden
+            hidden = self.e.call(ref.target, (source,), name=ref.node_name(self.site.kind))
+        return state._replace(hidden=hidden, last=name)
+
+    def vslice(self, state: _LoRAState, index: Any) -> _LoRAState:
+        g = self.e.getitem
+        return _LoRAState(
+            g(state.input, index),
+            g(state.hidden, index) if state.hidden is not None else None,
+            g(state.output, index),
+            state.last,
+        )
+
+    def cat(self, states: list[_LoRAState], dim: int, base: _LoRAState) -> _LoRAState:
+        def cat(nodes: list[Any]) -> Any:
+            return self.e.function(torch.cat, (nodes,), {"dim": dim})
+
+        hiddens = [s.hidden if s.hidden is not None else self._identity(s) for s in states]
+        last = next((s.last for s in reversed(states) if s.last), base.last)
+        return _LoRAState(cat([s.input for s in states]), cat(hiddens), cat([s.output for s in states]), last)
+
+    def _identity(self, state: _LoRAState) -> Any:
+        """The update of a slice no adapter touched: zero (add) or one (scale)."""
+        mode = next(iter(self.refs.values())).config.composition_mode
+        fill = torch.zeros_like if mode == "add" else torch.ones_like
+        return self.e.function(fill, (state.output,))
+
+    def mean(self, states: list[_LoRAState], weights: tuple[float, ...]) -> _LoRAState:
+        from .bottleneck import weighted_mean
+
+        hidden = self.e.function(weighted_mean, ([s.hidden for s in states], weights))
+        return states[0]._replace(hidden=hidden, last=states[-1].last)
+
+    def batch_size(self, state: _LoRAState) -> Any:
+        return self.e.method("size", state.output, 0)
+
+    def per_replica(self, state: _LoRAState, n: int) -> Any:
+        return self.e.function(operator.floordiv, (self.batch_size(state), n))
+
+    def times(self, value: Any, k: int) -> Any:
+        return value if k == 1 else self.e.function(operator.mul, (value, k))
+
+    def check(self, value: Any, expected: int, what: str) -> None:
+        from ..compose import check_size
+
+        self.e.function(check_size, (value, expected, what))
+
+
+def compose_lora_site(emitter: Any, site: Any, setup: Any, plan: Any) -> None:
+    from ..compose import compose
+
+    refs = {ref.name: ref for ref in plan.adapters}
+    if site.out_slice is not None and len(refs) > 1:
+        raise CompositionError(
+            f"composing several LoRA adapters at the sliced site {site.kind!r} of a fused projection is not "
+            "supported; adapt the whole projection (attn.qkv) instead"
+        )
+    e = emitter
+    call = _graph_node(e, site.node)
+    current = e.node(site.node)
+    with e.after(site.node):
+        state = compose(
+            _LoRAComposer(e, site, refs), setup, _LoRAState(_call_input(call), None, current, None)
+        )
+        if state.last is None or state.hidden is None:
+            e.discard()
+            return
+        if refs[state.last].config.composition_mode == "scale":
+            y = e.mul(state.output, state.hidden)
+        else:
+            y = e.add(state.output, state.hidden)
+    e.replace_node(site.node, y)
