@@ -66,10 +66,6 @@ def _reference(base, model, setup, inputs, scale_mode):
     state = get_state(model)
     handles = []
     for path, layer in zip(*layers_of(model)):
-        for name, record in state.adapters.items():
-            for (index, kind), site in record.sites.items():
-                if state.layer_paths[index] != path:
-                    continue
         sites = {}
         for name in setup.names():
             record = state.adapters[name]
