@@ -9,6 +9,18 @@ VOCAB = 99
 
 _COMMON = dict(vocab_size=VOCAB)
 
+# LLaMA-family decoders (GQA: 2 key/value heads for 4 query heads)
+_LLAMA_LIKE = dict(
+    attention_dropout=0.1,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=64,
+    **_COMMON,
+)
+
 # name -> (config class, config kwargs, model class name, kind)
 #   kind: "encoder" (bidirectional), "decoder" (causal LM), "seq2seq", "vision"
 SPECS: dict[str, tuple[str, dict, str, str]] = {
@@ -96,46 +108,19 @@ SPECS: dict[str, tuple[str, dict, str, str]] = {
     ),
     "llama": (
         "LlamaConfig",
-        dict(
-            attention_dropout=0.1,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            **_COMMON,
-        ),
+        dict(_LLAMA_LIKE),
         "LlamaForCausalLM",
         "decoder",
     ),
     "mistral": (
         "MistralConfig",
-        dict(
-            attention_dropout=0.1,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            **_COMMON,
-        ),
+        dict(_LLAMA_LIKE),
         "MistralForCausalLM",
         "decoder",
     ),
     "qwen2": (
         "Qwen2Config",
-        dict(
-            attention_dropout=0.1,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            **_COMMON,
-        ),
+        dict(_LLAMA_LIKE),
         "Qwen2ForCausalLM",
         "decoder",
     ),
