@@ -110,6 +110,7 @@ class AttentionSite:
     head_dim: int
     scope: str  # module path of the attention module
     q_heads: int = 0
+    first: int = 1  # index of the query argument: 1 for HF attention functions (module first), 0 for SDPA
 
 
 @dataclass
@@ -382,20 +383,24 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
 
     report.modules = _module_sites(root, graph, scopes, report.residual)
     for node in graph.nodes:
-        if is_attention_function(node) and len(node.args) > 3 and isinstance(node.args[2], fx.Node):
-            meta = node.args[2].meta.get("fxadapt_meta")
-            q_meta = node.args[1].meta.get("fxadapt_meta") if isinstance(node.args[1], fx.Node) else None
-            stack = _stack_paths(node)
-            scope = _scope_of(stack[-1] if stack else "", scopes)
-            if meta and len(meta[1]) == 4:
-                kind = "cross.kv" if scope is not None and scope.cross else "attn.kv"
-                if all(a.kind != kind for a in report.attention):
-                    q_heads = q_meta[1][1] if q_meta and len(q_meta[1]) == 4 else meta[1][1]
-                    report.attention.append(
-                        AttentionSite(
-                            kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads
-                        )
-                    )
+        # HF attention functions take (module, query, key, value, mask, ...); the fused SDPA op (query, key, ...)
+        first = 1 if is_attention_function(node) else 0
+        if not (first or (node.op == "call_function" and node.target in _ATTENTION_OPS)):
+            continue
+        if len(node.args) < first + 3 or not isinstance(node.args[first + 1], fx.Node):
+            continue
+        meta = node.args[first + 1].meta.get("fxadapt_meta")
+        q = node.args[first]
+        q_meta = q.meta.get("fxadapt_meta") if isinstance(q, fx.Node) else None
+        stack = _stack_paths(node)
+        scope = _scope_of(stack[-1] if stack else "", scopes)
+        if meta and len(meta[1]) == 4:
+            kind = "cross.kv" if scope is not None and scope.cross else "attn.kv"
+            if all(a.kind != kind for a in report.attention):
+                q_heads = q_meta[1][1] if q_meta and len(q_meta[1]) == 4 else meta[1][1]
+                report.attention.append(
+                    AttentionSite(kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads, first)
+                )
     for node in graph.nodes:
         if node.op == "call_module" and is_linear_like(_module_of(root, node)):
             report.linears.setdefault(str(node.target), node.name)

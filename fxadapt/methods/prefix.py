@@ -224,9 +224,12 @@ class PrefixTuningMethod(Method):
         e = emitter
         call = e.node(site.node)
         args = list(call.args)
-        module, query, keys, values = args[0], args[1], args[2], args[3]
-        mask_in_kwargs = len(args) <= 4
-        mask = call.kwargs.get("attention_mask") if mask_in_kwargs else args[4]
+        f = site.first  # HF attention functions: (module, query, key, value, mask, ...); SDPA: (query, key, ...)
+        query, keys, values = args[f], args[f + 1], args[f + 2]
+        module = args[0] if f else None  # SDPA calls say is_causal themselves
+        mask_key = "attention_mask" if f else "attn_mask"
+        mask_in_kwargs = len(args) <= f + 3
+        mask = call.kwargs.get(mask_key) if mask_in_kwargs else args[f + 3]
         with e.before(site.node):
             pair = e.call(target, (keys,))
             pk, pv = e.getitem(pair, 0), e.getitem(pair, 1)
@@ -236,17 +239,17 @@ class PrefixTuningMethod(Method):
                 extend_mask, (mask, config.prefix_length, query, keys, module, call.kwargs.get("is_causal"))
             )
             bias = call.kwargs.get("position_bias")
-            new_bias = (
-                e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
-            )
-        args[2], args[3] = new_k, new_v
+            new_bias = e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
+        args[f + 1], args[f + 2] = new_k, new_v
         kwargs = dict(call.kwargs)
         if new_bias is not None:
             kwargs["position_bias"] = new_bias  # T5: prefix keys get no relative-position bias
         if mask_in_kwargs:
-            kwargs["attention_mask"] = new_mask
+            kwargs[mask_key] = new_mask
         else:
-            args[4] = new_mask
+            args[f + 3] = new_mask
+        if not f:
+            kwargs["is_causal"] = False  # an explicit mask now says what is causal
         call.args, call.kwargs = tuple(args), kwargs
 
 
