@@ -286,6 +286,28 @@ def main() -> None:
         label = LABELS[int(p.argmax())]
         print(f"  {label:>8} ({p.max():.0%})  {text}")
 
+    adapterhub_path(tokenizer)
+
+
+def adapterhub_path(tokenizer) -> None:
+    """The second path: an adapter trained and saved by AdapterHub's ``adapters`` library, loaded with one line."""
+    fixture = ROOT / "examples" / "adapterhub_fixture"
+    expected = json.loads((fixture / "expected.json").read_text())
+    model = new_model()
+    fxadapt.load_adapter(
+        model, fixture / "sentiment"
+    )  # AdapterHub's format: adapter_config.json + .bin files
+    got = predict(model, tokenizer, expected["texts"])
+    want = torch.tensor(expected["logits"])
+    diff = (got - want).abs().max().item()
+    same = torch.equal(got.argmax(-1), want.argmax(-1))
+    print(
+        f"\nadapter trained with AdapterHub ({expected['library']}), loaded by fxadapt: "
+        f"{len(want)} predictions identical: {same} (max logit difference {diff:.1e})"
+    )
+    if not same or diff > 1e-4:
+        raise SystemExit("fxadapt does not reproduce the AdapterHub adapter's predictions")
+
 
 if __name__ == "__main__":
     main()
