@@ -48,9 +48,11 @@ from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
 from .routing import adapter_ids
+from .trainer import AdapterTrainer
 
 __all__ = [
     "AdapterNotFoundError",
+    "AdapterTrainer",
     "Average",
     "BatchSplit",
     "BottleneckConfig",
