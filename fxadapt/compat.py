@@ -140,12 +140,19 @@ class AdapterModelMixin:
         with_head: bool = True,
         **kwargs: Any,
     ) -> str:
-        folder = Path(adapter_name_or_path)
+        from .formats.hub import resolve
+
+        folder = resolve(
+            adapter_name_or_path,
+            model=self,
+            revision=kwargs.pop("revision", None),
+            cache_dir=kwargs.pop("cache_dir", None),
+        )
         head_file = folder / HEAD_CONFIG
         own_head = with_head and head_file.is_file() and '"fxadapt-head"' in head_file.read_text()
         name = io.load_adapter(
             self,
-            adapter_name_or_path,
+            folder,
             name=load_as,
             activate=set_active,
             load_head=with_head and not own_head,

@@ -80,6 +80,31 @@ def test_seed_user_story(tmp_path):
     assert torch.equal(got, expected)
     assert fresh.active_adapters is None  # adapter_names= applies to one call only
 
+    # the same adapter published on the hub: an offline cache stands in for it
+    import huggingface_hub
+
+    repo = tmp_path / "cache" / "models--ukp--sst-2-bert"
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    for f in (tmp_path / "saved" / "sst-2").iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    hub_base = tf.BertModel(make_config("bert"))
+    hub_base.load_state_dict(base_weights)
+    from_hub = AdapterModel(hub_base).eval()
+    old = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        name = from_hub.load_adapter("ukp/sst-2-bert", cache_dir=tmp_path / "cache")
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = old
+    with torch.no_grad():
+        hub_logits = from_hub(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=[name]
+        ).logits
+    assert name == "sst-2" and torch.equal(hub_logits, expected)
+
 
 def test_init_gives_hf_models_the_methods():
     torch.manual_seed(0)
