@@ -4,23 +4,28 @@ In one process on CPU (``torch.set_num_threads(2)``; ``--threads``), batch 8 x s
 (``BertConfig()``, random weights, 12 x 768, random token ids) and the real all-MiniLM-L6-v2 (6 x 384, the first
 8 sentences of data/movie_reviews/test.jsonl padded to 128):
 
-  fwd     eval forward under no_grad: base | fxadapt seq_bn | fxadapt double_seq_bn | PEFT LoRA
-  train   one step (forward + backward + AdamW): full fine-tune | fxadapt.train_adapter (frozen base, adapter and
-          head trained) | PEFT LoRA (frozen base, LoRA and head trained)
+  fwd     eval forward under no_grad: base | fxadapt seq_bn | fxadapt double_seq_bn | fxadapt LoRA (r=8, alpha=8,
+          attn.q + attn.v, PEFT's placement) | fxadapt (IA)^3 ("ia3": attn.k, attn.v, ffn.up) | the same fxadapt
+          LoRA after fxadapt.merge (runs the base layer code; merge time and max |merged - unmerged| in the note)
+          | PEFT LoRA
+  train   one step (forward + backward + AdamW): full fine-tune | fxadapt.train_adapter on seq_bn, LoRA, (IA)^3
+          (frozen base, adapter and head trained) | PEFT LoRA (frozen base, LoRA and head trained)
   inject  wall time of fxadapt.inject (priming forward + per-layer tracing) | get_peft_model, on fresh copies
   math    only the ops the rewrite adds (bottleneck, residual adds, seq_bn's extra LayerNorm) on a (8, 128, hidden)
           tensor, summed over layers, as a fraction of the base forward
 
 PEFT has no bottleneck adapters: its rows are LoRA (``LoraConfig(r=8, target_modules=["query", "value"])``), a
-reference peer, not the same method. Providers' repeats are interleaved round-robin (start rotated every round) so
-background load hits all alike; ``paired`` is the median over rounds of time / reference time in that round. On a
-shared CPU only the ratios mean anything. ``first`` is each provider's first call (lazy tracing, optimizer state).
+reference peer, not the same method; the fxadapt LoRA rows use its placement and rank. The fxadapt LoRA/(IA)^3
+weights get N(0, 0.01^2) noise after inject, so that the merged row folds a non-zero delta. Providers' repeats are
+interleaved round-robin (start rotated every round) so background load hits all alike; ``paired`` is the median
+over rounds of time / reference time in that round. On a shared CPU only the ratios mean anything. ``first`` is
+each provider's first call (lazy tracing, optimizer state).
 Rows are appended as JSONL to bench/results/models.jsonl (``--out``).
 
-    python bench/models.py                      # both models (~3-4 min on an idle 2-core machine)
+    python bench/models.py --threads 1          # both models, ~5 min on the loaded 2-core machine; 1 thread is
+                                                # far less sensitive to background load (docs/benchmarks.md)
     python bench/models.py --quick              # MiniLM only, fewer repeats (~1 min)
     python bench/models.py --models minilm --repeats 30 --out /tmp/rows.jsonl
-    python bench/models.py --threads 1          # far less sensitive to background load (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -31,10 +36,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# bench/ holds kernels.py, and the script's folder comes first on sys.path: transformers probes for the hub
+# ``kernels`` package by importing it, got bench/kernels.py (which imports fxadapt, which imports transformers'
+# Trainer) and failed with a circular import. Nothing here imports from bench/, so drop the folder.
+if (_here := str(Path(__file__).resolve().parent)) in sys.path:
+    sys.path.remove(_here)
 
 import peft
 import torch
@@ -44,7 +55,10 @@ import fxadapt
 from fxadapt.methods.bottleneck import Bottleneck
 
 ROOT = Path(__file__).resolve().parent.parent
-REPEATS = {"minilm": 20, "bert-base": 5}  # default repeats per model (--repeats overrides)
+# default timed rounds per model as (fwd, train); --repeats sets both. A train step costs 4-6 forwards and its
+# ratio (~0.6) needs less precision than the fwd ratios (~1.0-1.2), so it gets fewer rounds.
+REPEATS = {"minilm": (20, 8), "bert-base": (6, 3)}
+QUICK_REPEATS = (8, 4)
 
 
 def env() -> dict:
@@ -81,14 +95,19 @@ def pct(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """One warm-up call per provider (returned as ``first``), then ``repeats`` rounds, start rotated per round."""
+def interleaved(
+    fns: dict, repeats: int, outs: dict | None = None
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """One warm-up call per provider (returned as ``first``; its result stored in ``outs`` if given), then
+    ``repeats`` rounds, start rotated per round."""
     names = list(fns)
     first, times = {}, {n: [] for n in names}
     for n in names:
         t0 = time.perf_counter()
-        fns[n]()
+        out = fns[n]()
         first[n] = time.perf_counter() - t0
+        if outs is not None:
+            outs[n] = out
     for r in range(repeats):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
@@ -123,6 +142,10 @@ def load_model(name: str) -> tuple[torch.nn.Module, dict]:
 
 
 LORA = "peft LoRA r=8 (q,v)"
+FX_LORA = "fxadapt LoRA r=8 (q,v)"
+FX_IA3 = "fxadapt (IA)^3 (k,v,up)"
+FX_MERGED = "fxadapt LoRA r=8 (q,v), merged"
+FX_LORA_CONFIG = fxadapt.LoRAConfig(r=8, alpha=8, sites=("attn.q", "attn.v"))
 
 
 def lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -140,7 +163,7 @@ def train_step(model: torch.nn.Module, batch: dict):
     return step
 
 
-def bench_model(name: str, repeats: int, inject_repeats: int) -> list[dict]:
+def bench_model(name: str, repeats: int, train_repeats: int, inject_repeats: int) -> list[dict]:
     load0 = os.getloadavg()[0]
     base, batch = load_model(name)
     base.eval()
@@ -163,6 +186,8 @@ def bench_model(name: str, repeats: int, inject_repeats: int) -> list[dict]:
     makers = {
         "fxadapt seq_bn": lambda m: fxadapt.inject(m, {"a": "seq_bn"}),
         "fxadapt double_seq_bn": lambda m: fxadapt.inject(m, {"a": "double_seq_bn"}),
+        FX_LORA: lambda m: fxadapt.inject(m, {"a": FX_LORA_CONFIG}),
+        FX_IA3: lambda m: fxadapt.inject(m, {"a": "ia3"}),
         LORA: lora,
     }
     kept: dict[str, torch.nn.Module] = {}
@@ -177,12 +202,34 @@ def bench_model(name: str, repeats: int, inject_repeats: int) -> list[dict]:
     for k, secs in inject_s.items():
         row("inject", k, secs, first=secs[0], per_layer_ms=pct(secs, 0.5) * 1e3 / layers)
 
-    # forward, eval + no_grad; first = first call after inject (retraces if the call differs from the priming one)
-    fwd = {"base": base, **kept}
+    # LoRA's B starts at zero and (IA)^3's vector at one: perturb them so that merge folds a real delta
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        first, times = interleaved({k: (lambda m=m: m(**inputs)) for k, m in fwd.items()}, repeats)
+        for k in (FX_LORA, FX_IA3):
+            for p in fxadapt.adapter_parameters(kept[k], "a").values():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    merged = copy.deepcopy(kept[FX_LORA])
+    t0 = time.perf_counter()
+    fxadapt.merge(merged, "a")
+    merge_s = time.perf_counter() - t0
+
+    # forward, eval + no_grad; first = first call after inject (retraces if the call differs from the priming one)
+    fwd = {"base": base}
+    for k, m in kept.items():
+        fwd[k] = m
+        if k == FX_LORA:
+            fwd[FX_MERGED] = merged.eval()
+    outs: dict = {}
+    with torch.no_grad():
+        first, times = interleaved(
+            {k: (lambda m=m: m(**inputs).logits) for k, m in fwd.items()}, repeats, outs
+        )
     for k in fwd:
         row("fwd", k, times[k], first[k], ref=times["base"])
+        if k == FX_MERGED:
+            rows[-1]["merge_ms"] = merge_s * 1e3
+            rows[-1]["max_abs_diff_vs_unmerged"] = (outs[k] - outs[FX_LORA]).abs().max().item()
+            rows[-1]["max_abs_diff_unmerged_vs_base"] = (outs[FX_LORA] - outs["base"]).abs().max().item()
 
     # what the rewrite adds per layer, alone on a (8, 128, hidden) tensor: seq_bn = LN(A(z) + z + x),
     # double_seq_bn = A(h) + h + x at two sites; A = up(act(down(.))) * scale + residual (the Bottleneck module)
@@ -198,15 +245,16 @@ def bench_model(name: str, repeats: int, inject_repeats: int) -> list[dict]:
         rows[-1]["ratio"] = rows[-1]["p50_ms"] / pct(times["base"], 0.5) / 1e3
 
     # train step: full fine-tune vs frozen base + adapter (+ head) vs LoRA (+ head)
-    del kept["fxadapt double_seq_bn"], fwd
-    ad, lo = kept["fxadapt seq_bn"], kept[LORA]
-    fxadapt.train_adapter(ad, "a")
+    del kept["fxadapt double_seq_bn"], fwd, merged, outs
+    for k in ("fxadapt seq_bn", FX_LORA, FX_IA3):
+        fxadapt.train_adapter(kept[k], "a")
+    lo = kept[LORA]
     lo.train()
     for p in lo.base_model.model.classifier.parameters():  # the head train_adapter trains too
         p.requires_grad_(True)
     base.train()
-    models = {"full fine-tune": base, "fxadapt seq_bn": ad, LORA: lo}
-    first, times = interleaved({k: train_step(m, batch) for k, m in models.items()}, repeats)
+    models = {"full fine-tune": base, **{k: kept[k] for k in ("fxadapt seq_bn", FX_LORA, FX_IA3, LORA)}}
+    first, times = interleaved({k: train_step(m, batch) for k, m in models.items()}, train_repeats)
     for k, m in models.items():
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         row("train", k, times[k], first[k], ref=times["full fine-tune"], trainable=trainable)
@@ -227,7 +275,13 @@ def table(rows: list[dict]) -> str:
         note = {
             "inject": f"{r.get('per_layer_ms', 0):.1f} ms/layer ({r['layers']} layers)",
             "math": f"fraction of base fwd p50 ({r.get('modules')} adapter modules)",
-            "fwd": "vs base",
+            "fwd": "vs base"
+            + (
+                f"; merge() {r['merge_ms']:.0f} ms, max|merged - unmerged| {r['max_abs_diff_vs_unmerged']:.1e}"
+                f" (unmerged vs base {r['max_abs_diff_unmerged_vs_base']:.1e})"
+                if "merge_ms" in r
+                else ""
+            ),
             "train": f"vs full fine-tune; {r.get('trainable', 0) / 1e6:.2f}M trainable",
         }[r["what"]]
         out.append(
@@ -241,7 +295,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="MiniLM only, fewer repeats (~1 min)")
     ap.add_argument("--models", default=None, help="comma list of: minilm, bert-base (default: both)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per provider (default per model)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per provider, fwd and train (default per model)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/models.jsonl"), help="JSONL file to append to")
     args = ap.parse_args()
@@ -261,9 +320,11 @@ def main() -> None:
     for name in models:
         if name not in REPEATS:
             raise SystemExit(f"unknown model {name!r}; choose from {sorted(REPEATS)}")
-        repeats = args.repeats or (8 if args.quick else REPEATS[name])
+        fwd_n, train_n = (
+            (args.repeats,) * 2 if args.repeats else QUICK_REPEATS if args.quick else REPEATS[name]
+        )
         t0 = time.perf_counter()
-        new = bench_model(name, repeats, inject_repeats=1 if args.quick else 2)
+        new = bench_model(name, fwd_n, train_n, inject_repeats=1 if args.quick else 2)
         print(table(new) + f"\n# {name}: {time.perf_counter() - t0:.0f} s, load {new[0]['load_before']} -> "
               f"{new[0]['load_after']}\n", flush=True)  # fmt: skip
         rows += new
