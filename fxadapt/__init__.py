@@ -48,7 +48,6 @@ from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
 from .routing import adapter_ids
-from .trainer import AdapterTrainer
 
 __all__ = [
     "AdapterNotFoundError",
@@ -98,3 +97,11 @@ __all__ = [
     "train_fusion",
     "unmerge",
 ]
+
+
+def __getattr__(name: str):  # AdapterTrainer imports transformers' Trainer (heavy): only when asked for
+    if name == "AdapterTrainer":
+        from .trainer import AdapterTrainer
+
+        return AdapterTrainer
+    raise AttributeError(f"module 'fxadapt' has no attribute {name!r}")
