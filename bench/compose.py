@@ -29,8 +29,6 @@ import copy
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # bench/ holds kernels.py, and the script's folder comes first on sys.path: transformers probes for the hub
 # ``kernels`` package by importing it, got bench/kernels.py (which imports fxadapt, which imports transformers'
 # Trainer) and failed with a circular import. Nothing here imports from bench/, so drop the folder.
+from machine import cpu_run_info
+
 if (_here := str(Path(__file__).resolve().parent)) in sys.path:
     sys.path.remove(_here)
 
@@ -75,27 +75,11 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, li
 
 
 def env(peer: bool) -> dict:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        "",
-    )
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip()
-
     info = {
-        "device": "cpu",
-        "cpu": cpu or platform.processor(),
+        **cpu_run_info(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": tf.__version__,
-        "git_sha": git("rev-parse", "--short", "HEAD"),
-        "fxadapt_dirty": bool(git("status", "--porcelain", "--", "fxadapt")),
     }
     if peer:
         import adapters
