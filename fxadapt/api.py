@@ -534,9 +534,6 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
-_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "cls", "heads", "head", "pre_classifier")
-
-
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of the model's prediction head: those outside ``model.base_model`` that are not tied to it."""
     base = getattr(model, "base_model", None)

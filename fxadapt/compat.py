@@ -97,13 +97,7 @@ class AdapterModelMixin:
         api.add_fusion(self, adapter_names, config, activate=set_active)
 
     def train_adapter_fusion(self, adapter_setup: Any, unfreeze_adapters: bool = False) -> None:
-        setup = parse_setup(adapter_setup, nested=True)
-        fuse = setup if not isinstance(setup, str) else parse_setup([setup])
-        api.train_fusion(
-            self,
-            fuse if type(fuse).__name__ == "Fuse" else fuse.children[0],
-            unfreeze_adapters=unfreeze_adapters,
-        )
+        api.train_fusion(self, adapter_setup, unfreeze_adapters=unfreeze_adapters)
 
     # -- saving and loading ---------------------------------------------------------------------------------
     def save_adapter(
