@@ -35,6 +35,7 @@ from .model import (
     _fuse_blocks,
     get_state,
     layers_of,
+    model_type_of,
     plan_for,
     prime,
     set_state,
@@ -164,8 +165,20 @@ def inject(
                 for leaf, why in t.capture.leaf_reasons.items()
             }
             hint = f". Tracing left these submodules opaque, which can hide sites: {opaque}" if opaque else ""
+            notes = sorted({note for _, t in primed for note in t.report.notes})
+            if notes:
+                hint += f". Notes: {'; '.join(notes)}"
+            blocks = sorted(
+                {
+                    type(layer).__name__
+                    if layer_state(layer) is None
+                    else layer_state(layer).orig_class.__name__
+                    for layer in layers
+                }
+            )
             raise SiteNotFoundError(
-                f"adapter {name!r}: site(s) {missing} not found in {type(model).__name__}; it has {available}"
+                f"adapter {name!r}: site(s) {missing} not found in the blocks ({', '.join(blocks)}) of "
+                f"{type(model).__name__}; they have {available}"
                 f"{nearest(missing[0], available)}{hint}"
             )
         records[name] = AdapterRecord(config, {i: tuple(k) for i, k in placements.items()}, located)
@@ -182,7 +195,7 @@ def inject(
             layer = layers[index]
             if layer_state(layer) is None:
                 installed_now.append(layer)
-            lstate = install(layer, index)
+            lstate = install(layer, index, model_type_of(model))
             key, traced = primed[index]
             if lstate.find_traced(layer, key, []) is None and not traced.capture.value_guards:
                 lstate.add_traced(key, traced)

@@ -321,8 +321,13 @@ def _lora_weights(model, tensors, name, reports, config, source):
     for (index, path), params in sorted(by_module.items()):
         report = reports[index]
         at = [s for s in report.modules if s.module == path]
-        sliced = sorted((s for s in at if s.out_slice is not None), key=lambda s: s.out_slice)
-        whole = [s.kind for s in at if s.out_slice is None and s.kind != "attn.qkv"]
+        sliced = sorted((s for s in at if s.out_ranges is not None), key=lambda s: s.out_ranges)
+        whole = [s.kind for s in at if s.out_ranges is None and s.kind != "attn.qkv"]
+        if any(s.interleaved for s in sliced):
+            raise CheckpointError(
+                f"AdapterHub LoRA weights of the fused projection {path!r} cannot be placed: in this model its "
+                "q/k/v features are interleaved per head, and AdapterHub's merged format stacks contiguous parts"
+            )
         if sliced:  # AdapterHub's LoRAMergedLinear: the enabled parts stacked in q, k, v order
             for j, site in enumerate(s for s in sliced if s.kind.rsplit(".", 1)[1] in roles):
                 width = site.out_slice[1] - site.out_slice[0]
@@ -595,7 +600,12 @@ def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[st
     out = {}
     for (index, path), sites in by_module.items():
         parts: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": []}
-        for site, present in sorted(sites, key=lambda s: s[0].out_slice or (0, 0)):
+        if any(site.interleaved for site, _ in sites):
+            raise CheckpointError(
+                f"AdapterHub format: the fused projection {path!r} holds q/k/v interleaved per head; AdapterHub's "
+                "merged LoRA format stores contiguous parts only"
+            )
+        for site, present in sorted(sites, key=lambda s: s[0].out_ranges or ((0, 0),)):
             if present:
                 for p in parts:
                     if (index, site.kind, p) in params:

@@ -57,7 +57,7 @@ def _sites(model, modules: dict[tuple[int, str], dict], reports, source: str):
     unmapped = []
     for (index, path), params in sorted(modules.items()):
         report = reports[index]
-        whole = [s.kind for s in report.modules if s.module == path and s.out_slice is None]
+        whole = [s.kind for s in report.modules if s.module == path and s.out_ranges is None]
         kind = whole[0] if whole else (f"linear:{path}" if path in report.linears else None)
         if kind is None:
             unmapped.append(f"{layers.paths[index]}.{path}")
@@ -193,7 +193,7 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
     tensors: dict[str, torch.Tensor] = {}
     targets, conv1d = set(), False
     for (index, kind), site in sorted(record.sites.items()):
-        if site.out_slice is not None:
+        if getattr(site, "out_ranges", None) is not None:
             raise CheckpointError(
                 f"PEFT adapts whole modules, but site {kind!r} of adapter {name!r} is a slice of the fused "
                 f"projection {site.module!r}; adapt the whole projection (sites=('attn.qkv',)) to export to PEFT"

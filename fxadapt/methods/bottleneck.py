@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..compose import Composer, Fuse, PerRow, check_size, compose
-from ..errors import CompositionError, ConfigError, nearest
+from ..errors import CompositionError, ConfigError, SiteNotFoundError, nearest
 from ..routing import current_ids
 from ..sites import RESIDUAL_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
@@ -231,6 +231,12 @@ class BottleneckMethod(Method):
         return config.sites
 
     def build(self, config, site, layer, layer_index):  # type: ignore[override]
+        if getattr(site, "feature_dim", -1) != -1:
+            raise SiteNotFoundError(
+                f"bottleneck adapters at {site.kind!r} of {type(layer).__name__}: its residual stream is "
+                f"channels-first (features on dim {site.feature_dim}, convolution layers), and bottleneck adapters "
+                "act on the last dimension"
+            )
         hidden_size = site.hidden_size
         rf = config.reduction_for(layer_index)
         width = int(hidden_size // rf)
@@ -249,8 +255,9 @@ class BottleneckMethod(Method):
         composer = _BottleneckComposer(
             e, site, refs, {name: (target, cfg) for name, target, cfg in plan.fusions}
         )
-        h, x = e.node(site.h), e.node(site.x)
-        with e.after(site.output):
+        h = e.node(site.h)
+        with e.after(site.output, *site.extra):
+            x = _residual_input(e, site, refs.values())
             state = compose(composer, setup, _State(h, x, x, None, None))
             if state.last is None:  # nothing of the setup applies at this site: it stays as it was
                 e.discard()
@@ -259,7 +266,7 @@ class BottleneckMethod(Method):
             y = state.hidden
             if last.is_parallel:
                 y = e.add(y, h)
-            if last.original_ln_after:
+            if last.original_ln_after and site.mode == "sum":
                 y = e.add(y, state.input)
                 if composer.norm is not None:
                     y = e.norm(composer.norm, y)
@@ -374,7 +381,10 @@ class _BottleneckComposer(Composer[_State]):
 
     def cat(self, states: list[_State], dim: int, base: _State) -> _State:
         def cat(nodes):
-            return self.e.function(torch.cat, (list(nodes),), {"dim": dim})
+            nodes = list(nodes)
+            if any(n is None for n in nodes):  # no residual input at this site
+                return None
+            return self.e.function(torch.cat, (nodes,), {"dim": dim})
 
         last = next((s.last for s in reversed(states) if s.last), base.last)
         if dim == 1:  # Split: only the hidden states are reassembled (AdapterHub's compose_split)
@@ -470,9 +480,10 @@ def _per_row_site(e, site, setup: PerRow, plan) -> None:
                 "needs adapters of one structure (e.g. all seq_bn)"
             )
     composer = _BottleneckComposer(e, site, refs, {})
-    h, x = e.node(site.h), e.node(site.x)
+    h = e.node(site.h)
     first = next(iter(refs))
-    with e.after(site.output):
+    with e.after(site.output, *site.extra):
+        x = _residual_input(e, site, refs.values())
         state = composer._pre_forward(first, _State(h, x, x, None, None))[0]
         device = e.function(getattr, (h, "device"))
         ids = e.function(
@@ -483,11 +494,36 @@ def _per_row_site(e, site, setup: PerRow, plan) -> None:
         y = e.function(per_row_bottleneck, (state.hidden, residual, ids, modules))
         if configs[0].is_parallel:
             y = e.add(y, h)
-        if configs[0].original_ln_after:
+        if configs[0].original_ln_after and site.mode == "sum":
             y = e.add(y, state.input)
             if composer.norm is not None:
                 y = e.norm(composer.norm, y)
     e.replace(site, y)
+
+
+def _residual_input(e, site, refs) -> Any:
+    """The site's residual input as a node (None where it has none), checked against the adapters' needs.
+
+    At a branch site (``site.mode == "branch"``: sandwich post-norm, parallel branch) the model applies its own
+    norm and residual after the adapter, as in AdapterHub's hooked layers; like AdapterHub, configs that would
+    skip them (``original_ln_after=False``) are refused there."""
+    x = e.node(site.x)
+    for name in site.extra:  # peer placements: the stream plus branches that reached it first
+        x = e.add(x, e.node(name))
+    for ref in refs:
+        config = ref.config
+        if site.mode == "branch" and not config.original_ln_after:
+            raise ConfigError(
+                f"adapter {ref.name!r}: original_ln_after=False is not supported at {site.kind!r}, where the model "
+                "applies its own norm and residual after the adapter (a post-norm or parallel-branch site); "
+                "use original_ln_after=True (AdapterHub refuses it at such sites too)"
+            )
+        if x is None and config.is_parallel:
+            raise ConfigError(
+                f"adapter {ref.name!r}: a parallel adapter reads the sublayer input, which site {site.kind!r} does "
+                "not have; use a sequential config (e.g. 'double_seq_bn') here"
+            )
+    return x
 
 
 def route_ids(ids: torch.Tensor, present: tuple[bool, ...]) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compose import Composer
-from ..errors import CompositionError, ConfigError, nearest
+from ..errors import CompositionError, ConfigError, SiteNotFoundError, nearest
 from ..sites import MODULE_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -307,22 +307,44 @@ def projection_features(module: nn.Module) -> tuple[int, int, bool]:
 
 
 class _SiteSlice(nn.Module):
-    """Where the adapter's features sit in the projection output: ``[start, stop)`` of ``width``."""
+    """Where the adapter's features sit in the projection output: the runs ``ranges`` of ``width`` features (one
+    run for a contiguous part of a fused projection, several for parts interleaved per head)."""
 
-    def __init__(self, out_slice: tuple[int, int] | None, width: int):
+    def __init__(self, out_ranges, width: int):
         super().__init__()
-        self.start, self.stop = out_slice if out_slice is not None else (0, width)
+        if out_ranges is not None and len(out_ranges) == 2 and isinstance(out_ranges[0], int):
+            out_ranges = (tuple(out_ranges),)  # a single (start, stop) slice
+        self.ranges: tuple[tuple[int, int], ...] = (
+            tuple(out_ranges) if out_ranges is not None else ((0, width),)
+        )
+        self.start, self.stop = self.ranges[0][0], self.ranges[-1][1]
         self.width = width
+        self._index: torch.Tensor | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.ranges == ((0, self.width),)
+
+    def rows(self, device: torch.device | None = None) -> slice | torch.Tensor:
+        """The adapter's output features: a slice for one run, else an index tensor."""
+        if len(self.ranges) == 1:
+            return slice(self.start, self.stop)
+        if self._index is None or (device is not None and self._index.device != device):
+            index = torch.cat([torch.arange(a, b) for a, b in self.ranges])
+            self._index = index.to(device) if device is not None else index
+        return self._index
 
     def pad(self, t: torch.Tensor, value: float) -> torch.Tensor:
-        """Pad the last dimension of ``t`` from the slice to the projection's full width."""
-        if self.start == 0 and self.stop == self.width:
+        """Place the last dimension of ``t`` at the adapter's features of the projection's full width."""
+        if self.whole:
             return t
-        return F.pad(t, (self.start, self.width - self.stop), value=value)
+        if len(self.ranges) == 1:
+            return F.pad(t, (self.start, self.width - self.stop), value=value)
+        out = t.new_full((*t.shape[:-1], self.width), value)
+        return out.index_copy(-1, self.rows(t.device), t)
 
     def extra_repr(self) -> str:
-        sliced = self.start != 0 or self.stop != self.width
-        return f"out_slice=({self.start}, {self.stop}) of {self.width}" if sliced else ""
+        return "" if self.whole else f"out_ranges={list(self.ranges)} of {self.width}"
 
 
 class LoRA(_SiteSlice):
@@ -432,20 +454,34 @@ class LoRAMethod(Method):
         return out
 
     def build(self, config, site, layer, layer_index):  # type: ignore[override]
-        in_f, width, _ = projection_features(layer.get_submodule(site.module))
-        start, stop = site.out_slice if site.out_slice is not None else (0, width)
+        try:
+            proj = layer.get_submodule(site.module)
+        except AttributeError:
+            raise SiteNotFoundError(
+                f"LoRA at {site.kind!r} of {type(layer).__name__}: that projection is the op {site.module!r} with a "
+                "parameter weight (e.g. an einsum), not a module; LoRA adapts projection modules (nn.Linear, "
+                "transformers' Conv1D)"
+            ) from None
+        in_f, width, _ = projection_features(proj)
+        ranges = getattr(site, "out_ranges", None)
+        features = sum(b - a for a, b in ranges) if ranges is not None else width
         if config.composition_mode == "scale":
-            module: nn.Module = IA3Vector(stop - start, config, site.out_slice, width)
+            module: nn.Module = IA3Vector(features, config, ranges, width)
         else:
-            module = LoRA(in_f, stop - start, config, site.out_slice, width)
+            module = LoRA(in_f, features, config, ranges, width)
         return module.train(layer.training)  # an eval model gets an eval adapter (its dropout off)
 
     def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
         from ..compose import Stack
 
-        if isinstance(setup, Stack) and len(plan.adapters) == 1:
-            return super().compose_site(emitter, site, setup, plan)  # the single-adapter rule below
-        return compose_lora_site(emitter, site, setup, plan)
+        # a module called several times in the layer (DeBERTa's key projection on the relative embeddings too)
+        # gets the update at every call, as a module wrapper (PEFT, AdapterHub) would give it
+        for node in getattr(site, "calls", (site.node,)):
+            at = dataclasses.replace(site, node=node) if node != site.node else site
+            if isinstance(setup, Stack) and len(plan.adapters) == 1:
+                super().compose_site(emitter, at, setup, plan)  # the single-adapter rule below
+            else:
+                compose_lora_site(emitter, at, setup, plan)
 
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
         e = emitter
@@ -464,7 +500,9 @@ class LoRAMethod(Method):
         proj = layer.get_submodule(site.module)
         _, _, transposed = projection_features(proj)
         weight, bias = proj.weight, getattr(proj, "bias", None)
-        rows = slice(module.start, module.stop)
+        rows = module.rows(weight.device)
+        if not isinstance(rows, slice):
+            return _merge_rows(config, module, weight, bias, rows, transposed, sign)
         w = weight[:, rows] if transposed else weight[rows]  # a view: updated in place
         if config.composition_mode == "scale":
             v = module.scale_vector().float()
@@ -478,6 +516,23 @@ class LoRAMethod(Method):
             delta = module.delta_weight()
             delta = delta.t() if transposed else delta
             w.copy_((w.float() + sign * delta).to(w.dtype))
+
+
+def _merge_rows(config, module, weight, bias, rows, transposed, sign) -> None:
+    """:meth:`LoRAMethod.merge` for features interleaved in a fused projection (an index, not a view)."""
+    dim = 1 if transposed else 0
+    w = weight.index_select(dim, rows).float()
+    if config.composition_mode == "scale":
+        v = module.scale_vector().float()
+        factor = v.view(1, -1) if transposed else v.view(-1, 1)
+        new = w * factor if sign > 0 else w / factor
+        if bias is not None:
+            b = bias.index_select(0, rows).float()
+            bias.index_copy_(0, rows, (b * v if sign > 0 else b / v).to(bias.dtype))
+    else:
+        delta = module.delta_weight()
+        new = w + sign * (delta.t() if transposed else delta)
+    weight.index_copy_(dim, rows, new.to(weight.dtype))
 
 
 register_preset("lora", lambda: LoRAConfig())
@@ -574,7 +629,7 @@ def compose_lora_site(emitter: Any, site: Any, setup: Any, plan: Any) -> None:
     from ..compose import compose
 
     refs = {ref.name: ref for ref in plan.adapters}
-    if site.out_slice is not None and len(refs) > 1:
+    if getattr(site, "out_ranges", None) is not None and len(refs) > 1:
         raise CompositionError(
             f"composing several LoRA adapters at the sliced site {site.kind!r} of a fused projection is not "
             "supported; adapt the whole projection (attn.qkv) instead"
