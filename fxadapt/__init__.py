@@ -47,6 +47,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .progress import progress_bars
 from .routing import adapter_ids
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_fusion",
     "merge",
+    "progress_bars",
     "remove",
     "remove_fusion",
     "save_adapter",

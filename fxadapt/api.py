@@ -39,6 +39,7 @@ from .model import (
     prime,
     set_state,
 )
+from .progress import track
 from .rewrite import site_key
 from .routing import install_routing_hook, remove_routing_hook
 
@@ -241,7 +242,7 @@ def _apply_plans(model: nn.Module, state: ModelState) -> None:
     else:
         remove_routing_hook(model)
     _, layers = layers_of(model)
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(track(layers, desc="fxadapt: compiling layers", unit="layer")):
         lstate = layer_state(layer)
         if lstate is not None:
             lstate.set_plan(plan_for(state, index))
