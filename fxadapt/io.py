@@ -51,7 +51,8 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "architecture": type(model).__name__,
         "hidden_size": getattr(config, "hidden_size", None),
         "num_layers": len(paths),
-        "name_or_path": getattr(config, "_name_or_path", None) or None,  # where `fxadapt convert` finds the base
+        # where `fxadapt convert` finds the base model
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
     }
 
 
