@@ -40,6 +40,7 @@ from .model import (
     set_state,
 )
 from .progress import track
+from .quantized import float_weights
 from .rewrite import site_key
 from .routing import install_routing_hook, remove_routing_hook
 
@@ -322,7 +323,9 @@ def _merge(model: nn.Module, name: str, sign: int) -> None:
     if record.merged == (sign > 0):
         return
     _, layers = layers_of(model)
-    with torch.no_grad():
+    bases = [layers[i].get_submodule(s.module) for (i, _), s in record.sites.items() if hasattr(s, "module")]
+    verb = f"{'merge' if sign > 0 else 'unmerge'} adapter {name!r}"
+    with torch.no_grad(), float_weights(bases, verb):  # quantized bases: dequantize → merge → requantize
         for (index, kind), site in record.sites.items():
             module = layers[index]._modules[CONTAINER][name][site_key(kind)]
             method.merge(record.config, module, site, layers[index], sign)
