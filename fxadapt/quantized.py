@@ -29,7 +29,6 @@ bitsandbytes ``Int8Params``                 ``Int8Params`` (row-wise absmax int8
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
