@@ -10,7 +10,7 @@ merged LoRA weights, ...) becomes part of one ATen graph, equal to the eager mod
 - a **warm-up call** on the example inputs before exporting, so fxadapt's lazy per-call captures exist and the
   export traces the compiled code, not the tracer;
 - **typed errors**: a model in training mode (export bakes dropout in and the exported module cannot train:
-  DESIGN §1 "alternatives rejected"), a ``PerRow`` setup (its ids arrive through a forward hook, not an input),
+  docs/design.md §1.3), a ``PerRow`` setup (its ids arrive through a forward hook, not an input),
   or a failed export raise :class:`~fxadapt.ConfigError` / :class:`~fxadapt.CompositionError` /
   :class:`~fxadapt.CaptureError` and leave the model as it was.
 
