@@ -264,8 +264,6 @@ def _source(folder: Path) -> dict[str, Any]:
         if info["has_head"]:
             head = json.loads(head_file.read_text())
             info["head_class"], info["num_labels"] = head.get("model_class"), head.get("num_labels")
-        elif str(meta.get("model_class", "")).endswith("Model"):
-            info["head_class"] = None
     return info
 
 
