@@ -39,6 +39,7 @@ from .errors import (
     NotMergeableError,
     SiteNotFoundError,
 )
+from .export import aot_package, export, load_package
 from .formats.adapterhub import load_adapter_fusion, save_adapter_fusion
 from .fusion import FusionConfig
 from .io import load_adapter, save_adapter
@@ -47,6 +48,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .progress import progress_bars
 from .routing import adapter_ids
 
 __all__ = [
@@ -80,15 +82,19 @@ __all__ = [
     "adapter_ids",
     "adapter_parameters",
     "add_fusion",
+    "aot_package",
     "eject_prefix",
     "explain",
+    "export",
     "fusion_parameters",
     "fusion_regularization_loss",
     "inject",
     "list_adapters",
     "load_adapter",
     "load_adapter_fusion",
+    "load_package",
     "merge",
+    "progress_bars",
     "remove",
     "remove_fusion",
     "save_adapter",

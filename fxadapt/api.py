@@ -1,4 +1,4 @@
-"""The verbs users call: inject, activate, remove, train_adapter, explain.
+"""The verbs users call: inject, activate, remove, train_adapter (``explain`` lives in ``explain.py``).
 
 Every verb validates everything before it touches the model, and a failure while committing rolls back, so
 a failed call leaves the model exactly as it was.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from .errors import (
     SiteNotFoundError,
     nearest,
 )
+from .explain import explain
 from .fusion import AdapterFusion, FusionConfig, fusion_config
 from .install import install, layer_state, uninstall
 from .methods.base import AdapterConfig, method_for, preset
@@ -40,6 +40,8 @@ from .model import (
     prime,
     set_state,
 )
+from .progress import track
+from .quantized import float_weights
 from .rewrite import site_key
 from .routing import install_routing_hook, remove_routing_hook
 
@@ -254,7 +256,7 @@ def _apply_plans(model: nn.Module, state: ModelState) -> None:
     else:
         remove_routing_hook(model)
     _, layers = layers_of(model)
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(track(layers, desc="fxadapt: compiling layers", unit="layer")):
         lstate = layer_state(layer)
         if lstate is not None:
             lstate.set_plan(plan_for(state, index))
@@ -334,7 +336,9 @@ def _merge(model: nn.Module, name: str, sign: int) -> None:
     if record.merged == (sign > 0):
         return
     _, layers = layers_of(model)
-    with torch.no_grad():
+    bases = [layers[i].get_submodule(s.module) for (i, _), s in record.sites.items() if hasattr(s, "module")]
+    verb = f"{'merge' if sign > 0 else 'unmerge'} adapter {name!r}"
+    with torch.no_grad(), float_weights(bases, verb):  # quantized bases: dequantize → merge → requantize
         for (index, kind), site in record.sites.items():
             module = layers[index]._modules[CONTAINER][name][site_key(kind)]
             method.merge(record.config, module, site, layers[index], sign)
@@ -582,77 +586,3 @@ def train_adapter(model: nn.Module, name: str, *, train_head: bool = True) -> nn
         p.requires_grad_(id(p) in trainable)
     model.train()
     return model
-
-
-# ------------------------------------------------------------------------------------------------------------
-# explain
-
-
-@dataclass
-class LayerExplanation:
-    path: str
-    cls: str
-    sites: list[str]
-    module_sites: list[str]
-    leaves: dict[str, str]
-    rejected: list[tuple[str, str]]
-    guard_keys: int
-    plan: list[str] = field(default_factory=list)
-    kernels: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Explanation:
-    model: str
-    layers: list[LayerExplanation]
-
-    def __str__(self) -> str:
-        lines = [f"fxadapt: {self.model}, {len(self.layers)} layers"]
-        for le in self.layers:
-            lines.append(f"  {le.path} ({le.cls}): sites {', '.join(le.sites) or 'none'}")
-            if le.module_sites:
-                lines.append(f"      module sites: {', '.join(le.module_sites)}")
-            if le.plan:
-                lines.append(f"      active: {', '.join(le.plan)}")
-            for leaf, why in le.leaves.items():
-                lines.append(f"      opaque submodule {leaf}: {why}")
-            for node, why in le.rejected:
-                lines.append(f"      not a site: {node}: {why}")
-            for note in le.kernels:
-                lines.append(f"      kernels: {note}")
-            if le.guard_keys:
-                lines.append(f"      captured calls (guard keys): {le.guard_keys}")
-        return "\n".join(lines)
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython
-        p.text(str(self))
-
-
-def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = False) -> Explanation:
-    """Per layer: sites found (and why other candidates were rejected), opaque submodules, captures, plan.
-
-    Works on a model with or without adapters; it traces but never modifies the model.
-    """
-    paths, layers = layers_of(model)
-    primed = prime(model, layers, example_inputs)
-    out = []
-    for path, layer, (_, traced) in zip(paths, layers, primed):
-        lstate = layer_state(layer)
-        report = traced.report
-        out.append(
-            LayerExplanation(
-                path=path,
-                cls=(lstate.orig_class if lstate else type(layer)).__name__,
-                sites=[
-                    f"{s.kind} (from {s.producer}{', post-norm' if s.norm else ''})" for s in report.residual
-                ],
-                module_sites=[f"{s.kind}={s.module}" for s in report.modules],
-                leaves=dict(traced.capture.leaf_reasons),
-                rejected=report.rejected if verbose else [],
-                guard_keys=len(lstate.traced) if lstate else 0,
-                plan=lstate.plan.describe() if lstate else [],
-                kernels=list(lstate.notes) if lstate else [],
-            )
-        )
-    explanation = Explanation(type(model).__name__, out)
-    return explanation

@@ -2,7 +2,8 @@
 
 ``adapter_config.json``
     ``{"format": "fxadapt", "fxadapt_version", "name", "config": {...method config...},
-    "base_model": {"model_type", "architecture", "hidden_size", "num_layers"}, "sites": {"<layer>": [kinds]},
+    "base_model": {"model_type", "architecture", "hidden_size", "num_layers", "name_or_path"},
+    "sites": {"<layer>": [kinds]},
     "head": {...} | null}``
 ``adapter_model.safetensors``
     adapter weights keyed ``layers.<index>.<site_key>.<param>`` (independent of the model wrapper, so an adapter
@@ -50,6 +51,8 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "architecture": type(model).__name__,
         "hidden_size": getattr(config, "hidden_size", None),
         "num_layers": len(paths),
+        # where `fxadapt convert` finds the base model
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
     }
 
 

@@ -18,6 +18,7 @@ from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
 from .install import LayerState, Traced, layer_state
 from .methods.base import AdapterConfig
+from .progress import track
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
 from .sites import find_sites
 
@@ -228,7 +229,7 @@ def prime(
     with torch.random.fork_rng(devices=[]):
         calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
     out = []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(track(layers, desc="fxadapt: tracing layers", unit="layer")):
         if id(layer) not in calls:
             raise CaptureError(
                 f"layer {index} ({type(layer).__name__}) was not called by the example forward; pass "
