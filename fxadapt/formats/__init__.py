@@ -345,7 +345,7 @@ def module_parameters(model: nn.Module, name: str) -> dict[WeightKey, nn.Paramet
     out = {}
     for index, kind in state.record(name).sites:
         module = layers[index]._modules[CONTAINER][name][site_key(kind)]
-        for pname, p in module.named_parameters():
+        for pname, p in module.state_dict(keep_vars=True).items():  # parameters and persistent buffers
             out[(index, kind, pname)] = p
     return out
 

@@ -13,17 +13,31 @@ fields and the same math (:class:`~fxadapt.methods.lora.IA3Vector`); merging sca
 Sites: ``attn.k``, ``attn.v`` and ``ffn.up`` (AdapterHub's ``intermediate_lora``) by default. On LLaMA-style
 models AdapterHub's mixin adapts ``mlp.down_proj`` under the name "intermediate"; fxadapt places ``ffn.up`` by
 graph structure on every architecture (``sites=("attn.k", "attn.v", "ffn.down")`` reproduces AdapterHub there).
+
+PEFT's (IA)^3 scales the *input* of its ``feedforward_modules`` instead (its default on BERT: ``output.dense``,
+which also matches ``attention.output.dense``; on LLaMA ``down_proj``):
+
+    y' = W (x ⊙ (alpha · l)) + b                 l: [in, 1]
+
+``IA3Config(feedforward_modules=[...])`` names those sites (kinds like ``"ffn.down"``, or module names as in
+``target_modules``); :class:`IA3InputVector` holds the vector. Merging scales the weight's input columns (``Conv1D``:
+rows); the bias is untouched. The input of a fused projection is shared by its q/k/v slices, so slice sites cannot
+be input-scaled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
+from torch import nn
+
+from ..errors import ConfigError
 from .base import register_method, register_preset
-from .lora import LoRAConfig, LoRAMethod
+from .lora import LoRAConfig, LoRAMethod, _as_tuple
 
-__all__ = ["IA3Config", "IA3Method"]
+__all__ = ["IA3Config", "IA3InputVector", "IA3Method"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +51,8 @@ class IA3Config(LoRAConfig):
         init_weights: ``"ia3"`` (ones: a no-op at init), ``"lora"`` (zeros) or ``"bert"`` (N(0, 0.02)).
         composition_mode: must be ``"scale"`` (use :class:`LoRAConfig` for ``"add"``).
         leave_out: layer indices that get no adapter.
+        feedforward_modules: sites whose *input* is scaled (PEFT's ``feedforward_modules``): site kinds
+            (``"ffn.down"``) or module names matched like ``target_modules`` (``"output.dense"``). Default none.
     """
 
     method: ClassVar[str] = "ia3"
@@ -46,6 +62,7 @@ class IA3Config(LoRAConfig):
     alpha: float = 1
     init_weights: str = "ia3"
     composition_mode: str = "scale"
+    feedforward_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.composition_mode != "scale":
@@ -54,7 +71,50 @@ class IA3Config(LoRAConfig):
                 self.composition_mode,
                 "'scale' ((IA)^3 scales outputs; LoRAConfig(composition_mode='add') is LoRA)",
             )
+        ff = _as_tuple(self.feedforward_modules) or ()
+        if not all(isinstance(n, str) and n.strip(". ") for n in ff):
+            self._fail(
+                "feedforward_modules", self.feedforward_modules, "a list of site kinds or module names"
+            )
+        object.__setattr__(self, "feedforward_modules", ff)
         super().__post_init__()
+
+
+class IA3InputVector(nn.Module):
+    """One (IA)^3 vector scaling a projection's input: ``forward() = alpha · l`` ([in]); PEFT's feed-forward
+    ``ia3_l`` ([1, in] there)."""
+
+    scales_input = True
+
+    def __init__(self, in_features: int, config: LoRAConfig, site: Any, transposed: bool):
+        super().__init__()
+        if site.out_slice is not None:
+            raise ConfigError(
+                f"(IA)^3 on the input of {site.kind!r} is impossible: it is a slice of the fused projection "
+                f"{site.module!r}, whose input the other slices share; scale the whole projection (attn.qkv)"
+            )
+        self.lora_B = nn.Parameter(torch.zeros(in_features, 1))
+        self.scaling = config.scaling
+        self.transposed = transposed
+        with torch.no_grad():
+            if config.init_weights == "ia3":
+                nn.init.ones_(self.lora_B)
+            elif config.init_weights == "bert":
+                nn.init.normal_(self.lora_B, std=0.02)
+
+    def forward(self) -> torch.Tensor:
+        return self.lora_B.view(-1) * self.scaling
+
+    @torch.no_grad()
+    def merge_into(self, projection: nn.Module, sign: int) -> None:
+        """Scale (``sign=+1``) or unscale the weight's input columns (``Conv1D`` stores ``[in, out]``: rows)."""
+        v = self.forward().float()
+        factor = v.view(-1, 1) if self.transposed else v.view(1, -1)
+        w = projection.weight
+        w.copy_((w.float() * factor if sign > 0 else w.float() / factor).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"input scale, in={self.lora_B.shape[0]}"
 
 
 @register_method
