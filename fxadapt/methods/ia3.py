@@ -28,6 +28,7 @@ be input-scaled.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -78,6 +79,54 @@ class IA3Config(LoRAConfig):
             )
         object.__setattr__(self, "feedforward_modules", ff)
         super().__post_init__()
+
+    @classmethod
+    def from_peft(cls, config: Any, model: Any = None) -> IA3Config:  # type: ignore[override]
+        """The config equal to a PEFT ``IA3Config`` (or its dict): ``target_modules`` and ``feedforward_modules``
+        (the feed-forward ones scale their input). Unset ones (PEFT's default ``IA3Config()``) are PEFT's own
+        defaults for ``model``'s type (``peft.utils.constants``, read when PEFT is installed)."""
+        data = config.to_dict() if hasattr(config, "to_dict") else config
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"from_peft expects a peft IA3Config or a dict, got {type(config).__name__}")
+        peft_type = str(getattr(data.get("peft_type"), "value", data.get("peft_type") or "IA3"))
+        if peft_type.upper() != "IA3":
+            raise ConfigError(f"from_peft: peft_type={peft_type!r} is not an (IA)^3 config; expected 'IA3'")
+        targets, feedforward = data.get("target_modules"), data.get("feedforward_modules")
+        if targets is None:
+            targets, default_ff = _peft_ia3_defaults(model)
+            feedforward = default_ff if feedforward is None else feedforward
+        for field, value in (("target_modules", targets), ("feedforward_modules", feedforward or [])):
+            if isinstance(value, str):
+                raise ConfigError(
+                    f"from_peft: {field}={value!r} is a regex over full module paths; expected a list of module "
+                    "names (loading a PEFT checkpoint needs none: its keys say where the vectors are)"
+                )
+        ignored = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                   "inference_mode", "fan_in_fan_out", "init_ia3_weights", "modules_to_save", "target_modules",
+                   "feedforward_modules"}  # fmt: skip
+        for key, value in data.items():
+            if key not in ignored and value not in (None, False, {}, [], ()):
+                raise ConfigError(f"from_peft: (IA)^3 {key}={value!r} is not supported by fxadapt")
+        return cls(target_modules=tuple(targets), feedforward_modules=tuple(feedforward or ()))
+
+
+def _peft_ia3_defaults(model: Any) -> tuple[list[str], list[str]]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        )
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
+    except ImportError as exc:
+        raise ConfigError(
+            "from_peft: target_modules=None means PEFT's per-model defaults; install peft or pass target_modules"
+        ) from exc
+    if model_type not in TARGETS:
+        raise ConfigError(
+            f"from_peft: target_modules=None and PEFT has no (IA)^3 defaults for model type {model_type!r}"
+            f"{' (pass model=...)' if model is None else ''}; pass target_modules and feedforward_modules"
+        )
+    return list(TARGETS[model_type]), list(FEEDFORWARD.get(model_type, []))
 
 
 class IA3InputVector(nn.Module):

@@ -209,18 +209,24 @@ class LoRAConfig(AdapterConfig):
         """The config equal to a PEFT ``LoraConfig`` (or its ``to_dict()`` / ``adapter_config.json`` dict).
 
         Maps ``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``, ``use_rslora`` and ``init_lora_weights``
-        (``True`` → ``"lora"``, ``"gaussian"``, ``False`` → ``"bert"``: random non-zero A and B). ``fan_in_fan_out``
-        is not needed (fxadapt reads the layout from the module). Settings that change the method (DoRA,
-        ``bias`` other than ``"none"``, rank/alpha patterns, ``layers_to_transform``, PiSSA/LoftQ/... inits)
-        raise ConfigError.
+        (``True`` → ``"lora"``, ``"gaussian"``, ``False`` → ``"bert"``: random non-zero A and B) and ``use_dora``
+        (DoRA with PEFT's formula, ``variant="peft"``); a ``VeraConfig`` (``peft_type="VERA"``) gives VeRA with
+        PEFT's formula. ``fan_in_fan_out`` is not needed (fxadapt reads the layout from the module). Settings that
+        change the method (``bias`` other than ``"none"``, rank/alpha patterns, ``layers_to_transform``,
+        PiSSA/LoftQ/... inits) raise ConfigError.
         """
         data = config.to_dict() if hasattr(config, "to_dict") else config
         if not isinstance(data, Mapping):
             raise ConfigError(f"from_peft expects a peft LoraConfig or a dict, got {type(config).__name__}")
         data = dict(data)
         peft_type = str(getattr(data.get("peft_type"), "value", data.get("peft_type") or "LORA"))
+        if peft_type.upper() == "VERA":
+            return cls._from_peft_vera(data)
         if peft_type.upper() != "LORA":
-            raise ConfigError(f"from_peft: peft_type={peft_type!r} is not a LoRA config; expected 'LORA'")
+            raise ConfigError(
+                f"from_peft: peft_type={peft_type!r} is not a LoRA config; expected 'LORA' or 'VERA' "
+                "(IA3Config.from_peft reads 'IA3')"
+            )
         targets = data.get("target_modules")
         if targets is None or isinstance(targets, str):
             raise ConfigError(
@@ -243,6 +249,7 @@ class LoRAConfig(AdapterConfig):
                     f"from_peft: {key}={value!r} is not supported by fxadapt's LoRA; expected its PEFT default "
                     f"(supported fields: {sorted(_PEFT_MAPPED)})"
                 )
+        dora = bool(data.get("use_dora", False))
         return cls(
             target_modules=tuple(sorted(targets)),
             r=data.get("r", 8),
@@ -250,6 +257,44 @@ class LoRAConfig(AdapterConfig):
             dropout=data.get("lora_dropout", 0.0),
             use_rslora=bool(data.get("use_rslora", False)),
             init_weights=inits[init],
+            use_dora=dora,
+            variant="peft" if dora else "adapterhub",
+        )
+
+    @classmethod
+    def _from_peft_vera(cls, data: dict[str, Any]) -> LoRAConfig:
+        """PEFT's ``VeraConfig``: ``r``, ``d_initial``, ``vera_dropout``; PEFT has no scaling (alpha = r)."""
+        targets = data.get("target_modules")
+        if targets is None or isinstance(targets, str):
+            raise ConfigError(
+                f"from_peft: target_modules={targets!r} is not supported; expected a list of module names"
+            )
+        if data.get("save_projection", True) is False:
+            raise ConfigError(
+                "from_peft: VeRA with save_projection=False regenerates its projections from projection_prng_key "
+                "with PEFT's generator; fxadapt reads VeRA adapters saved with their projections "
+                "(save_projection=True, PEFT's default)"
+            )
+        allowed = {"r", "target_modules", "d_initial", "vera_dropout", "save_projection", "projection_prng_key",
+                   "init_weights"}  # fmt: skip
+        for key, value in data.items():
+            if key in allowed or key in _PEFT_IGNORED:
+                continue
+            if value not in (None, False, "none", {}, [], ()):
+                raise ConfigError(
+                    f"from_peft: VeRA {key}={value!r} is not supported by fxadapt; expected its PEFT default "
+                    f"(supported fields: {sorted(allowed)})"
+                )
+        r = data.get("r", 256)
+        return cls(
+            target_modules=tuple(sorted(targets)),
+            r=r,
+            alpha=r,
+            dropout=data.get("vera_dropout", 0.0),
+            vera_d=data.get("d_initial", 0.1),
+            vera_b=0.0,
+            init_weights="vera",
+            variant="peft",
         )
 
     @classmethod
@@ -292,7 +337,15 @@ class LoRAConfig(AdapterConfig):
         return target(**kwargs)
 
 
-_PEFT_MAPPED = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "init_lora_weights"}
+_PEFT_MAPPED = {
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "use_dora",
+}
 # bookkeeping fields of a PEFT config that do not change what the adapter computes
 _PEFT_IGNORED = {
     "task_type",
