@@ -399,7 +399,9 @@ def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
             if all(a.kind != kind for a in report.attention):
                 q_heads = q_meta[1][1] if q_meta and len(q_meta[1]) == 4 else meta[1][1]
                 report.attention.append(
-                    AttentionSite(kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads, first)
+                    AttentionSite(
+                        kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads, first
+                    )
                 )
     for node in graph.nodes:
         if node.op == "call_module" and is_linear_like(_module_of(root, node)):

@@ -230,6 +230,10 @@ class BottleneckMethod(Method):
         assert isinstance(config, BottleneckConfig)
         return config.sites
 
+    def fusion_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
+        assert isinstance(config, BottleneckConfig)
+        return config.sites
+
     def build(self, config, site, layer, layer_index):  # type: ignore[override]
         hidden_size = site.hidden_size
         rf = config.reduction_for(layer_index)

@@ -220,11 +220,25 @@ class PrefixTuningMethod(Method):
                 out[(index, kind)] = PrefixSite(pool, position, owner=position == 0)
         return out
 
+    def eject(self, config, modules):  # type: ignore[override]
+        if config.flat:
+            return config
+        ejected: dict[int, PrefixPool] = {}
+        for module in modules.values():
+            if isinstance(module, PrefixSite):
+                pool = module.get_pool()
+                if id(pool) not in ejected:
+                    ejected[id(pool)] = pool.ejected()
+                module.set_pool(ejected[id(pool)])
+        return config.replace(flat=True)
+
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
         e = emitter
         call = e.node(site.node)
         args = list(call.args)
-        f = site.first  # HF attention functions: (module, query, key, value, mask, ...); SDPA: (query, key, ...)
+        f = (
+            site.first
+        )  # HF attention functions: (module, query, key, value, mask, ...); SDPA: (query, key, ...)
         query, keys, values = args[f], args[f + 1], args[f + 2]
         module = args[0] if f else None  # SDPA calls say is_causal themselves
         mask_key = "attention_mask" if f else "attn_mask"
@@ -239,7 +253,9 @@ class PrefixTuningMethod(Method):
                 extend_mask, (mask, config.prefix_length, query, keys, module, call.kwargs.get("is_causal"))
             )
             bias = call.kwargs.get("position_bias")
-            new_bias = e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
+            new_bias = (
+                e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
+            )
         args[f + 1], args[f + 2] = new_k, new_v
         kwargs = dict(call.kwargs)
         if new_bias is not None:

@@ -7,8 +7,10 @@ positions, masks and caches from the prompted sequence; otherwise (ViT) it is in
 2-D ``attention_mask``, ``token_type_ids`` and ``labels`` (with -100) are extended to match. With a KV cache (``generate``), the prompt is inserted only while the cache
 is empty; the mask keeps its extra columns on every step. As in AdapterHub, outputs include the prompt positions.
 
-Prompt tuning acts on the model's input, outside the layers' generated code: two hooks (model and embedding
-module) apply it while the adapter is in the active setup.
+Prompt tuning acts on the model's input, outside the layers' generated code: the soft prompt is a *model part*
+(:meth:`PromptTuningMethod.build_model_parts`, kept as ``embed`` in the first layer's container) and two hooks
+(:meth:`PromptTuningMethod.model_hooks`: on the model and on the ``embed`` module) apply the active adapters'
+prompts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SiteNotFoundError
+from ..errors import ConfigError
 from .base import AdapterConfig, Method, register_method, register_preset
 
 __all__ = ["PromptTuningConfig"]
@@ -95,18 +97,9 @@ class SoftPrompt(nn.Module):
 
 
 def _active_prompts(model: nn.Module) -> list[SoftPrompt]:
-    from ..model import CONTAINER, get_state, layers_of
+    from ..parts import active_parts
 
-    state = get_state(model)
-    if state is None or state.active is None:
-        return []
-    first = layers_of(model)[1][0]
-    container = first._modules.get(CONTAINER)
-    out = []
-    for name in state.active.names():
-        if container is not None and name in container and "embed" in container[name]:
-            out.append(container[name]["embed"])
-    return out
+    return [module for _, module in active_parts(model, "embed")]
 
 
 def _extend(t: torch.Tensor, extra: int, value: int, combine: str) -> torch.Tensor:
@@ -176,84 +169,51 @@ def _embed_hook(root: nn.Module, module: nn.Module, args: tuple, output: Any) ->
     return output
 
 
-def install_prompt_hooks(model: nn.Module, embed: nn.Module) -> None:
-    if "_fxadapt_prompt_hooks" in model.__dict__:
-        return
-    import functools
-    import inspect
+class _PromptHooks:
+    """The model's and the embedding module's hooks, removed together."""
 
-    get_emb = getattr(model, "get_input_embeddings", None)
-    word_embeddings = get_emb() if callable(get_emb) else None
-    try:
-        takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        takes_embeds = False
-    if isinstance(word_embeddings, nn.Module) and takes_embeds:
-        # the prompt goes in front of the word embeddings (Lester et al.); the model then derives positions,
-        # masks and caches from the prompted sequence
-        model.__dict__["_fxadapt_prompt_embed"] = word_embeddings
-    handles = (
-        model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
-        model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True),
-        embed.register_forward_hook(functools.partial(_embed_hook, model)),
-    )
-    model.__dict__["_fxadapt_prompt_hooks"] = handles
+    def __init__(self, model: nn.Module, embed: nn.Module):
+        import functools
+        import inspect
 
-
-def remove_prompt_hooks(model: nn.Module) -> None:
-    model.__dict__.pop("_fxadapt_prompt_embed", None)
-    for h in model.__dict__.pop("_fxadapt_prompt_hooks", ()):
-        h.remove()
-
-
-def find_embed_module(model: nn.Module, first_layer: nn.Module, example_inputs: Any) -> tuple[str, nn.Module]:
-    """The module whose output tensor is the first layer's hidden-state input (found with one forward)."""
-    from ..model import _call, default_example_inputs
-
-    outputs: list[tuple[str, nn.Module, torch.Tensor]] = []  # the tensors are kept alive: ids are not reused
-    handles = []
-    for name, module in model.named_modules():
-        if module is model or module is first_layer:
-            continue
-
-        def hook(m, a, out, name=name):
-            if isinstance(out, torch.Tensor):
-                outputs.append((name, m, out))
-
-        handles.append(module.register_forward_hook(hook))
-    seen: list[Any] = []
-    handles.append(
-        first_layer.register_forward_pre_hook(
-            lambda m, a, kw: seen.append(a[0] if a else kw.get("hidden_states")), with_kwargs=True
+        self.model = model
+        get_emb = getattr(model, "get_input_embeddings", None)
+        word_embeddings = get_emb() if callable(get_emb) else None
+        try:
+            takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            takes_embeds = False
+        if isinstance(word_embeddings, nn.Module) and takes_embeds:
+            # the prompt goes in front of the word embeddings (Lester et al.); the model then derives positions,
+            # masks and caches from the prompted sequence
+            model.__dict__["_fxadapt_prompt_embed"] = word_embeddings
+        self.handles = (
+            model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
+            model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True),
+            embed.register_forward_hook(functools.partial(_embed_hook, model)),
         )
-    )
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            was = model.training
-            model.eval()
-            _call(model, example_inputs if example_inputs is not None else default_example_inputs(model))
-            model.train(was)
-    finally:
-        for h in handles:
+
+    def remove(self) -> None:
+        self.model.__dict__.pop("_fxadapt_prompt_embed", None)
+        for h in self.handles:
             h.remove()
-    # the outermost module returning the very tensor the first layer receives (its hook fires last)
-    match = [(name, m) for name, m, out in outputs if seen and out is seen[0]]
-    if not match:
-        raise SiteNotFoundError(
-            f"no 'embed' site in {type(model).__name__}: no module's output is the first layer's input "
-            "(prompt tuning needs an embedding module feeding the layers)"
-        )
-    return match[-1]
 
 
 @register_method
 class PromptTuningMethod(Method):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
-    model_level = True
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
-        return ("embed",)
+        return ()  # no layer site: the prompt is a model part
+
+    def build_model_parts(self, config, context):  # type: ignore[override]
+        context.embed()  # raises SiteNotFoundError where no module feeds the first layer
+        return {(0, "embed"): SoftPrompt(config, context.hidden_size, context.input_embeddings())}
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        _, embed = context.embed()
+        return {"prompt": lambda model: _PromptHooks(model, embed)}
 
 
 register_preset("prompt_tuning", lambda: PromptTuningConfig())
