@@ -35,8 +35,11 @@ def _trained(model, inputs, steps=3, lr=0.5):
 
 
 def _out(model, inputs):
+    """The main output, and BERT's pooled output (where ``pooler.dense`` acts)."""
     with torch.no_grad():
-        return main_output(model(**inputs))
+        out = model(**inputs)
+    pooled = getattr(out, "pooler_output", None)
+    return torch.cat([main_output(out).flatten(), *([pooled.flatten()] if pooled is not None else [])])
 
 
 def _diff(a, b, inputs):
@@ -50,11 +53,13 @@ def _by_module(model):
     record = get_state(model).adapters["default"]
     _, layers = layers_of(model)
     out = {}
-    for (index, kind), site in record.sites.items():
+    for index, kind in [(i, k) for i, kinds in record.placements.items() for k in kinds]:
+        site = record.sites.get((index, kind))  # None: a model part (outside the layers), named by its path
         module = layers[index].fxadapt["default"][kind.replace(".", "_")]
         for pname, p in module.state_dict(keep_vars=True).items():
             shared = pname.startswith("shared.")  # VeRA's projections: one pair, owned by one of the sites
-            out[(None, None, pname) if shared else (index, site.module, pname)] = p
+            where = (index, site.module) if site is not None else (None, kind)
+            out[(None, None, pname) if shared else (*where, pname)] = p
     return out
 
 
@@ -70,6 +75,12 @@ CASES = {
         target_modules=["query", "intermediate.dense"] if arch == "bert" else ["q_proj", "v_proj", "up_proj"],
     ),
     "ia3_default": lambda arch: peft.IA3Config(),
+    # outside the repeating layers: BERT's pooler.dense (and every layer's *.dense), LLaMA's lm_head
+    "lora_outside": lambda arch: peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value", "dense"] if arch == "bert" else ["q_proj", "lm_head"],
+    ),
 }
 
 
@@ -86,6 +97,9 @@ def test_peft_both_ways(arch, case, tmp_path):
     assert fxadapt.load_adapter(ours, tmp_path / "theirs") == "default"
     assert _diff(ours, base, inputs) > 1e-4  # the adapter does something
     assert _diff(ours, theirs, inputs) <= 1e-5
+    if case == "lora_outside":
+        outside = "pooler.dense" if arch == "bert" else "lm_head"
+        assert f"model:{outside}" in fxadapt.list_adapters(ours)["default"].sites
 
     # the config alone gives the same sites and the same function on the same weights
     if case == "ia3_default":

@@ -343,7 +343,8 @@ def module_parameters(model: nn.Module, name: str) -> dict[WeightKey, nn.Paramet
     assert state is not None
     _, layers = layers_of(model)
     out = {}
-    for index, kind in state.record(name).sites:
+    placements = state.record(name).placements  # layer sites and model parts
+    for index, kind in ((i, k) for i, kinds in placements.items() for k in kinds):
         module = layers[index]._modules[CONTAINER][name][site_key(kind)]
         for pname, p in module.state_dict(keep_vars=True).items():  # parameters and persistent buffers
             out[(index, kind, pname)] = p

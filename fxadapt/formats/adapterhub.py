@@ -598,6 +598,12 @@ def write_adapter(
                 theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
                 tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
     elif config.method in ("lora", "ia3"):
+        outside = sorted({k for i, ks in record.placements.items() for k in ks if (i, k) not in record.sites})
+        if outside:
+            raise CheckpointError(
+                f"AdapterHub's LoRA adapts projections inside the layers only; adapter {name!r} also adapts "
+                f"{outside}; write it with format='peft'"
+            )
         data = _lora_dict(config, model_type, {k for _, k in record.sites})
         tensors = _lora_tensors(model, record, params, name, layers, config, data["attn_matrices"])
     else:

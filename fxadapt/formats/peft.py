@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..methods.lora_outside import MODEL_PREFIX
+from ..sites import is_linear_like
 from . import LayerPaths, Translated, listed, ordered, read_json, read_tensors, site_reports
 
 __all__ = ["read_adapter", "write_adapter"]
@@ -63,7 +65,14 @@ def _sites(model, modules: dict[tuple[int, str], dict], reports, source: str):
     out: dict[tuple[int, str], dict] = {}
     kinds: dict[str, None] = {}
     unmapped = []
-    for (index, path), params in sorted(modules.items()):
+    for (index, path), params in sorted(modules.items(), key=lambda item: (item[0][0] is None, item[0])):
+        if index is None:  # outside the layers: a model part (lora_outside.py)
+            if not is_linear_like(model.get_submodule(path)):
+                unmapped.append(path)
+                continue
+            out[(0, MODEL_PREFIX + path)] = (path, params)
+            kinds[MODEL_PREFIX + path] = None
+            continue
         report = reports[index]
         whole = [s.kind for s in report.modules if s.module == path and s.out_slice is None]
         kind = whole[0] if whole else (f"linear:{path}" if path in report.linears else None)
@@ -132,6 +141,9 @@ def read_adapter(
         inner = re.sub(r"\.modules_to_save\.[^.]+\.", ".", inner)  # PEFT < 0.6 kept the wrapper's path
         m = _PARAM[peft_type].fullmatch(inner)
         located = layers.locate(m.group("module")) if m else None
+        if located is None and m is not None:  # a projection outside the layers (pooler.dense, a head)
+            outside = layers.model_path(m.group("module"))
+            located = (None, outside) if outside is not None else None
         if located is not None:
             param = m.group("param") or m.groupdict().get("dora")
             modules.setdefault(located, {})[param] = value
@@ -147,12 +159,14 @@ def read_adapter(
         raise CheckpointError(f"{source}: holds no {peft_type} weights")
     reports = site_reports(model, example_inputs)
     placed, kinds = _sites(model, modules, reports, source)
-    leave_out = tuple(i for i in range(len(reports)) if all(index != i for index, _ in placed))
+    leave_out = tuple(
+        i for i in range(len(reports)) if all(index != i or k.startswith(MODEL_PREFIX) for index, k in placed)
+    )
     changes: dict[str, Any] = {"target_modules": None, "sites": kinds, "leave_out": leave_out}
     if peft_type == "IA3":  # feed-forward modules: (IA)^3 scales their input
         feedforward = set(_feedforward(meta.get("feedforward_modules"), layers, placed))
         changes["feedforward_modules"] = ordered(
-            kind for (i, kind), (path, _) in placed.items() if f"{layers.paths[i]}.{path}" in feedforward
+            kind for (i, kind), (path, _) in placed.items() if _full(layers, i, kind, path) in feedforward
         )
     if any("lora_magnitude_vector" in params for _, params in placed.values()) and not config.use_dora:
         raise CheckpointError(
@@ -191,13 +205,18 @@ def _scales_input(model: nn.Module, name: str, key: tuple[int, str]) -> bool:
     return getattr(layers[key[0]]._modules[CONTAINER][name][site_key(key[1])], "scales_input", False)
 
 
+def _full(layers: LayerPaths, index: int, kind: str, path: str) -> str:
+    """The model path of a placed projection (a model part's path is already one)."""
+    return path if kind.startswith(MODEL_PREFIX) else f"{layers.paths[index]}.{path}"
+
+
 def _feedforward(patterns: Any, layers: LayerPaths, placed: dict) -> list[str]:
     """The placed projections PEFT treats as feed-forward (``feedforward_modules``: names or one regex)."""
     if not patterns:
         return []
     out = []
-    for (index, _), (path, _) in placed.items():
-        full = f"{layers.paths[index]}.{path}"
+    for (index, kind), (path, _) in placed.items():
+        full = _full(layers, index, kind, path)
         if isinstance(patterns, str):
             hit = re.fullmatch(patterns, full) is not None
         else:
@@ -237,18 +256,26 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
     paths = get_state(model).layer_paths
     tensors: dict[str, torch.Tensor] = {}
     targets, conv1d, feedforward_modules = set(), False, set()
-    input_scaled = {k for k in record.sites if _scales_input(model, name, k)}
+    input_scaled = {
+        (i, k) for i, kinds in record.placements.items() for k in kinds if _scales_input(model, name, (i, k))
+    }
     if config.is_vera:
         first = min(record.sites)
         tensors["base_model.vera_A"] = params[(*first, "shared.lora_A")]
         tensors["base_model.vera_B"] = params[(*first, "shared.lora_B")]
-    for (index, kind), site in sorted(record.sites.items()):
-        if site.out_slice is not None:
+    entries = [(i, k, site.out_slice, f"{paths[i]}.{site.module}") for (i, k), site in record.sites.items()]
+    entries += [  # model parts: projections outside the layers (lora_outside.py)
+        (i, k, None, k[len(MODEL_PREFIX) :])
+        for i, kinds in record.placements.items()
+        for k in kinds
+        if (i, k) not in record.sites and k.startswith(MODEL_PREFIX)
+    ]
+    for index, kind, out_slice, full in sorted(entries):
+        if out_slice is not None:
             raise CheckpointError(
                 f"PEFT adapts whole modules, but site {kind!r} of adapter {name!r} is a slice of the fused "
-                f"projection {site.module!r}; adapt the whole projection (sites=('attn.qkv',)) to export to PEFT"
+                f"projection {full!r}; adapt the whole projection (sites=('attn.qkv',)) to export to PEFT"
             )
-        full = f"{paths[index]}.{site.module}"
         targets.add(full)
         conv1d |= projection_features(model.get_submodule(full))[2]
         if config.composition_mode == "scale":  # PEFT has no alpha: fold the scale into the vector

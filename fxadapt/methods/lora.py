@@ -51,6 +51,7 @@ _INITS = ("lora", "bert", "gaussian", "ia3", "vera")
 _MODES = ("add", "scale")
 _VARIANTS = ("adapterhub", "peft")
 _LINEAR = "linear:"
+_MODEL = "model:"  # a projection outside the repeating layers (lora_outside.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,12 +126,14 @@ class LoRAConfig(AdapterConfig):
             fail("sites", self.sites, f"a non-empty tuple of module site kinds {sorted(MODULE_SITE_KINDS)}")
         for s in sites:
             if not isinstance(s, str) or (
-                s not in MODULE_SITE_KINDS and not (s.startswith(_LINEAR) and len(s) > len(_LINEAR))
+                s not in MODULE_SITE_KINDS
+                and not any(s.startswith(pre) and len(s) > len(pre) for pre in (_LINEAR, _MODEL))
             ):
                 fail(
                     "sites",
                     s,
-                    f"module site kinds {sorted(MODULE_SITE_KINDS)} or 'linear:<module path>'",
+                    f"module site kinds {sorted(MODULE_SITE_KINDS)}, 'linear:<module path in the layer>' or "
+                    "'model:<module path outside the layers>'",
                     MODULE_SITE_KINDS,
                 )
         object.__setattr__(self, "sites", sites)
@@ -513,7 +516,22 @@ class LoRAMethod(Method):
 
     def requests(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, LoRAConfig)
-        return config.target_modules if config.target_modules is not None else config.sites
+        if config.target_modules is not None:
+            return ()  # names may match outside the layers too: build_model_parts checks every one
+        return tuple(s for s in config.sites if not s.startswith(_MODEL))
+
+    def build_model_parts(self, config, context):  # type: ignore[override]
+        from .lora_outside import build_outside_parts  # lora_outside.py builds on this module
+
+        return build_outside_parts(config, context)
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        from .lora_outside import OutsideHooks, outside_paths
+
+        return {
+            f"outside:{path}": (lambda model, path=path: OutsideHooks(model, path))
+            for path in outside_paths(config, context.model, context.paths)
+        }
 
     def select_sites(self, config, report, layer):  # type: ignore[override]
         if config.target_modules is None:
