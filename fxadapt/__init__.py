@@ -48,6 +48,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .methods.reft import ReftConfig
 from .routing import adapter_ids
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "PerRow",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "ReftConfig",
     "SiteNotFoundError",
     "Split",
     "Stack",

@@ -33,7 +33,9 @@ def train_adapterhub(
 
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if ours(n) and p.is_floating_point():
+            # an orthogonal parametrization's "original" holds a factored form: noise there breaks it (the
+            # weight collapses to 0); training moves it through the parametrization instead
+            if ours(n) and p.is_floating_point() and "parametrizations" not in n:
                 p.add_(torch.randn(p.shape, generator=gen) * noise)
     model.train_adapter(name)
     for n, p in model.named_parameters():

@@ -132,16 +132,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dvora": {"architecture": "lora", "use_dora": True, "vera_d": 0.1, "vera_b": 0.0},
     "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning"},
     "prompt_tuning": {"architecture": "prompt_tuning"}, "mtl_lora": {"architecture": "mtl_lora"},
-    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft"}, "direft": {"architecture": "reft"},
+    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft", "orthogonality": False},
+    "direft": {"architecture": "reft", "orthogonality": False, "subtract_projection": False},
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
     "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
     "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
     "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
-    "reft": "representation fine-tuning (architecture 'reft': LoReFT / NoReFT / DiReFT)",
     "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
+# architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
+# fxadapt method -> writer; filled at the end of this module
+OTHER_ARCHITECTURES: dict[str, tuple[Any, ...]] = {}
+WRITERS: dict[str, Any] = {}
 # adapter-transformers 1/2: activation names (configs without "version") and key names
 _ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 _LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
@@ -175,6 +179,8 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: 'config' must be a dict or a preset name, got {type(raw).__name__}")
     architecture = raw.get("architecture")
+    if architecture in OTHER_ARCHITECTURES:
+        return dict(raw)
     if architecture in UNSUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"{source}: {UNSUPPORTED_ARCHITECTURES[architecture]} is not supported by fxadapt"
@@ -389,7 +395,9 @@ def read_adapter(
         for old, new in _LEGACY_KEYS.items():
             key = key.replace(old, new)
         tensors[key] = value
-    if data.get("architecture") == "lora":
+    if data.get("architecture") in OTHER_ARCHITECTURES:
+        config, weights = OTHER_ARCHITECTURES[data["architecture"]][0](model, data, tensors, saved, source)
+    elif data.get("architecture") == "lora":
         config = lora_config(data, meta.get("version"), source)
         reports = site_reports(model, example_inputs)
         weights, sites, used = _lora_weights(model, tensors, saved, reports, config, source)
@@ -597,6 +605,8 @@ def write_adapter(
             if head != "down":
                 theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
                 tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+    elif config.method in WRITERS:
+        data, tensors = WRITERS[config.method](model, record, params, name)
     elif config.method in ("lora", "ia3"):
         outside = sorted({k for i, ks in record.placements.items() for k in ks if (i, k) not in record.sites})
         if outside:
@@ -795,3 +805,29 @@ def save_adapter_fusion(
     folder = Path(directory)
     _write(folder, FUSION_FILES, meta, tensors, use_safetensors)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# other architectures (one module each)
+
+
+def _read_reft(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_reft import reft_config, reft_weights
+
+    return reft_config(data, source), reft_weights(model, tensors, saved, source)
+
+
+def _write_reft(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_reft import reft_tensors
+
+    if not record.config.subtract_projection:
+        raise CheckpointError(
+            f"adapter {name!r} is a DiReFT (subtract_projection=False), which adapters 1.3.0 cannot load: it rebuilds "
+            "ReFT configs from their fields and subtract_projection is not one, so it would run it as NoReFT"
+        )
+
+    return record.config.to_adapterhub(), reft_tensors(model, record, params, name)
+
+
+OTHER_ARCHITECTURES["reft"] = (_read_reft,)
+WRITERS["reft"] = _write_reft

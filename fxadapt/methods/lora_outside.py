@@ -92,9 +92,11 @@ def build_outside_parts(config: Any, context: Any) -> dict[tuple[int, str], nn.M
         ]
         if missing:
             candidates = sorted(inside | set(outside_linears(model, context.paths)))
+            kinds = sorted({s.kind for report in context.reports for s in report.modules})
             raise SiteNotFoundError(
-                f"target_modules {missing} match no Linear-like module of {type(model).__name__} (inside or outside "
-                f"its layers); module names there include {candidates[:12]}{nearest(missing[0], candidates)}"
+                f"target_modules {missing} not found in {type(model).__name__}; it has the module sites {kinds} and "
+                f"these Linear-like modules (inside or outside its layers): {candidates[:16]}"
+                f"{nearest(missing[0], candidates)}"
             )
     if paths and config.is_vera:
         raise ConfigError(
