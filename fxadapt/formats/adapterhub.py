@@ -130,15 +130,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora": {"architecture": "lora"}, "ia3": _IA3, "vera": {"architecture": "lora", "vera_d": 0.1, "vera_b": 0.0},
     "dora": {"architecture": "lora", "use_dora": True},
     "dvora": {"architecture": "lora", "use_dora": True, "vera_d": 0.1, "vera_b": 0.0},
-    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning"},
+    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning", "flat": True},
     "prompt_tuning": {"architecture": "prompt_tuning"}, "mtl_lora": {"architecture": "mtl_lora"},
     "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft", "orthogonality": False},
     "direft": {"architecture": "reft", "orthogonality": False, "subtract_projection": False},
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
-    "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
-    "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
     "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
     "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
@@ -831,3 +829,34 @@ def _write_reft(model: nn.Module, record: Any, params: dict, name: str) -> tuple
 
 OTHER_ARCHITECTURES["reft"] = (_read_reft,)
 WRITERS["reft"] = _write_reft
+
+
+def _read_prefix(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_prompts import prefix_config, prefix_weights
+
+    config = prefix_config(data, source)
+    return config, prefix_weights(model, config, tensors, saved, source)
+
+
+def _write_prefix(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_prompts import prefix_dict, prefix_tensors
+
+    return prefix_dict(record.config), prefix_tensors(model, record, params, name)
+
+
+def _read_prompt(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_prompts import prompt_config, prompt_weights
+
+    return prompt_config(data, source), prompt_weights(model, tensors, saved, source)
+
+
+def _write_prompt(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_prompts import prompt_dict, prompt_tensors
+
+    return prompt_dict(record.config), prompt_tensors(model, record, params, name)
+
+
+OTHER_ARCHITECTURES["prefix_tuning"] = (_read_prefix,)
+OTHER_ARCHITECTURES["prompt_tuning"] = (_read_prompt,)
+WRITERS["prefix_tuning"] = _write_prefix
+WRITERS["prompt_tuning"] = _write_prompt
