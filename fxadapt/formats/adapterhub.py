@@ -137,7 +137,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
-    "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
     "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
 # architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
@@ -183,7 +182,7 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{source}: {UNSUPPORTED_ARCHITECTURES[architecture]} is not supported by fxadapt"
         )
-    if architecture == "lora":
+    if architecture in ("lora", "mtl_lora"):
         return dict(raw)
     if architecture not in (None, "bottleneck"):
         raise CheckpointError(f"{source}: unknown AdapterHub architecture {architecture!r}")
@@ -244,8 +243,13 @@ def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     old = isinstance(version, str) and version.startswith("adapters.")
     if old and tuple(int(x) for x in re.findall(r"\d+", version)[:3]) < (1, 1, 0):
         data["alpha"] = data.get("r", 8)
+    target = LoRAConfig
+    if data.get("architecture") == "mtl_lora":
+        from ..methods.mtl_lora import MTLLoRAConfig
+
+        target = MTLLoRAConfig
     try:
-        return LoRAConfig.from_adapterhub(data)
+        return target.from_adapterhub(data)
     except ConfigError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
@@ -395,7 +399,7 @@ def read_adapter(
         tensors[key] = value
     if data.get("architecture") in OTHER_ARCHITECTURES:
         config, weights = OTHER_ARCHITECTURES[data["architecture"]][0](model, data, tensors, saved, source)
-    elif data.get("architecture") == "lora":
+    elif data.get("architecture") in ("lora", "mtl_lora"):
         config = lora_config(data, meta.get("version"), source)
         reports = site_reports(model, example_inputs)
         weights, sites, used = _lora_weights(model, tensors, saved, reports, config, source)
@@ -605,7 +609,7 @@ def write_adapter(
                 tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
     elif config.method in WRITERS:
         data, tensors = WRITERS[config.method](model, record, params, name)
-    elif config.method in ("lora", "ia3"):
+    elif config.method in ("lora", "ia3", "mtl_lora"):
         outside = sorted({k for i, ks in record.placements.items() for k in ks if (i, k) not in record.sites})
         if outside:
             raise CheckpointError(
@@ -613,6 +617,13 @@ def write_adapter(
                 f"{outside}; write it with format='peft'"
             )
         data = _lora_dict(config, model_type, {k for _, k in record.sites})
+        if config.method == "mtl_lora":
+            data.update(
+                architecture="mtl_lora",
+                n_up_projection=config.n_up_projection,
+                task_specific_matrix_type=config.task_specific_matrix_type,
+                weights_sharpness=config.weights_sharpness,
+            )
         tensors = _lora_tensors(model, record, params, name, layers, config, data["attn_matrices"])
     else:
         raise CheckpointError(f"AdapterHub format: cannot write {config.method} adapters")
@@ -641,9 +652,12 @@ def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[st
     for (index, path), sites in by_module.items():
         parts: dict[str, list[torch.Tensor]] = {}
         for site, present in sorted(sites, key=lambda s: s[0].out_slice or (0, 0)):
-            if site.out_slice is not None and (config.use_dora or config.is_vera):
+            if site.out_slice is not None and (
+                config.use_dora or config.is_vera or config.method == "mtl_lora"
+            ):
                 raise CheckpointError(
-                    f"AdapterHub's fused-projection LoRA (LoRAMergedLinear, {path!r}) has no DoRA or VeRA forward; "
+                    f"AdapterHub's fused-projection LoRA (LoRAMergedLinear, {path!r}) has no DoRA, VeRA or MTL-LoRA "
+                    "forward; "
                     f"adapter {name!r} at the slice site {site.kind!r} cannot be written for it"
                 )
             if present:
