@@ -11,8 +11,9 @@ AdapterHub's definitions (``adapters/methods/reft.py``): after every selected la
 with ``tied_weights=True``. Note that the dropout acts on ``h'`` as a whole, as in AdapterHub.
 
 The positions come from the model-level ``attention_mask`` (first real token: ``argmax`` of the mask; count of real
-tokens: its sum), as AdapterHub reads them in its forward context; without a mask (or where the mask does not
-cover the layer's sequence, e.g. T5's decoder) the rows are taken as unpadded. With a KV cache the positions are
+tokens: its sum), as AdapterHub reads them in its forward context; without a mask, or where the mask's length is not
+the layer's sequence plus the cached tokens (T5's decoder layers see the encoder's mask), the rows are taken as
+unpadded. With a KV cache the positions are
 absolute in the whole sequence (the mask covers the cached tokens too): a prefix position acts on the prompt's
 first tokens only, never again on generated ones. A position beyond a row's length is skipped.
 
@@ -247,7 +248,9 @@ class _ReftHooks:
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        _MASKS.set((*_MASKS.get(), mask))
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        _MASKS.set((*_MASKS.get(), (mask, int(past))))
 
     def _model_post(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         _MASKS.set(_MASKS.get()[:-1])
@@ -275,9 +278,11 @@ class _ReftHooks:
         if not parts:
             return None
         hidden = output if isinstance(output, torch.Tensor) else output[0]
-        masks = _MASKS.get()
+        mask, past = _MASKS.get()[-1] if _MASKS.get() else (None, 0)
+        if mask is not None and mask.shape[1] != past + hidden.shape[1]:
+            mask = None  # the mask of another sequence (T5's decoder layers see the encoder's): rows unpadded
         for part in parts:
-            hidden = part(hidden, masks[-1] if masks else None)
+            hidden = part(hidden, mask)
         if isinstance(output, torch.Tensor):
             return hidden
         return (
