@@ -213,3 +213,26 @@ def reft_reference(base, config, units_by_layer, layer_paths, mask):
 
         ref.get_submodule(layer_paths[index]).register_forward_hook(hook)
     return ref
+
+
+def snapshot(model, inputs):
+    """State, layer classes, adapters and outputs, to prove a failed call changed nothing: call the result."""
+    from tiny_models import main_output
+
+    import fxadapt
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    adapters = dict(fxadapt.list_adapters(model))
+    with torch.no_grad():
+        out = main_output(model(**inputs))
+
+    def unchanged() -> None:
+        now = model.state_dict()
+        assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+        assert [type(m) for m in model.modules()] == classes
+        assert fxadapt.list_adapters(model) == adapters
+        with torch.no_grad():
+            assert torch.equal(main_output(model(**inputs)), out)
+
+    return unchanged
