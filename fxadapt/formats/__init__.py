@@ -279,8 +279,8 @@ def module_parameters(model: nn.Module, name: str) -> dict[WeightKey, nn.Paramet
     assert state is not None
     _, layers = layers_of(model)
     out = {}
-    for index, kind in state.record(name).sites:
-        module = layers[index]._modules[CONTAINER][name][site_key(kind)]
+    for index, kind in [(i, k) for i, kinds in state.record(name).placements.items() for k in kinds]:
+        module = layers[index]._modules[CONTAINER][name][site_key(kind)]  # sites and model parts
         for pname, p in module.named_parameters():
             out[(index, kind, pname)] = p
     return out

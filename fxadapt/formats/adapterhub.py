@@ -26,7 +26,6 @@ Writing must put weights where AdapterHub will look, which differs per family: :
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from . import (
     read_tensors,
     site_reports,
 )
+from . import adapterhub_bottleneck as bn
 
 __all__ = ["load_adapter_fusion", "read_adapter", "save_adapter_fusion", "write_adapter"]
 
@@ -147,19 +147,12 @@ _LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang
                 "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
                 "invertible_lang_adapters": "invertible_adapters"}
 _BOTTLENECK_PARAMS = {"adapter_up": "up", "adapter_norm_before": "norm_before", "adapter_norm_after": "norm_after",
-                      "scaling": "scaling"}
+                      "scaling": "scaling", "gate": "gate"}
 # fmt: on
 
 
 # ------------------------------------------------------------------------------------------------------------
 # configs
-
-
-def _bottleneck_fields() -> list[str]:
-    """BottleneckConfig fields named as in AdapterHub's BnConfig (all but ``sites``)."""
-    from ..methods.bottleneck import BottleneckConfig
-
-    return [f.name for f in dataclasses.fields(BottleneckConfig) if f.name != "sites"]
 
 
 def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
@@ -186,45 +179,6 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
     if not version and data.get("non_linearity") in _ACTIVATION_RENAME:
         data["non_linearity"] = _ACTIVATION_RENAME[data["non_linearity"]]
     return data
-
-
-def bottleneck_config(data: dict[str, Any], has_invertible: bool, source: str) -> Any:
-    from ..methods.bottleneck import BottleneckConfig
-
-    unsupported = [
-        why
-        for why, present in (
-            ("phm_layer=True (Compacter's PHM layers)", data.get("phm_layer")),
-            ("use_gating=True (gated adapters)", data.get("use_gating")),
-            (
-                f"stochastic_depth={data.get('stochastic_depth')} (drop path)",
-                (data.get("stochastic_depth") or 0) > 0,
-            ),
-            (
-                f"inv_adapter={data.get('inv_adapter')!r} (invertible adapters)",
-                data.get("inv_adapter") and has_invertible,
-            ),
-        )
-        if present
-    ]
-    if unsupported:
-        raise CheckpointError(
-            f"{source}: unsupported AdapterHub bottleneck feature(s): {', '.join(unsupported)}"
-        )
-    missing = [
-        k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in data
-    ]
-    if missing:
-        raise CheckpointError(f"{source}: bottleneck config lacks required field(s) {missing}")
-    flags = (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"), ("cross_adapter", "cross.out"))
-    kwargs = {k: data[k] for k in _bottleneck_fields()}
-    if isinstance(kwargs["scaling"], int) and not isinstance(kwargs["scaling"], bool):
-        kwargs["scaling"] = float(kwargs["scaling"])
-    kwargs["leave_out"] = tuple(kwargs["leave_out"] or ())
-    try:
-        return BottleneckConfig(sites=tuple(kind for key, kind in flags if data.get(key)), **kwargs)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
 
 
 def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
@@ -378,13 +332,14 @@ def read_adapter(
             raise CheckpointError(f"{source}: holds no LoRA weights for adapter {saved!r}")
         config = config.replace(sites=sites, leave_out=tuple(i for i in range(len(reports)) if i not in used))
     else:
-        invertible = any(f"invertible_adapters.{saved}." in k for k in tensors)
-        config = bottleneck_config(data, invertible, source)
+        tensors, extra = bn.split_model_level(tensors, saved)  # invertible block, shared PHM weights
+        config = bn.bottleneck_config(data, bool(extra["invertible"]), source)
         reports = site_reports(model, example_inputs)
         ln_before = config.ln_before
         weights = _residual_weights(
             model, tensors, "adapters", saved, reports, lambda p: _bottleneck_param(p, ln_before), source
         )
+        weights.update(bn.model_level_weights(config, extra, weights, source))
     head = _read_head(model, folder, source) if load_head else {}
     return Translated(name or saved, config, weights, head, source)
 
@@ -539,22 +494,11 @@ def write_adapter(
     layers = LayerPaths(model)
     params = module_parameters(model, name)
     if config.method == "bottleneck":
-        data = {
-            **_BN,
-            **{k: getattr(config, k) for k in _bottleneck_fields()},
-            "leave_out": list(config.leave_out),
-        }
-        data.update(
-            {
-                k: kind in config.sites
-                for k, kind in (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"))
-            }
-        )
-        data["cross_adapter"] = "cross.out" in config.sites
-        if isinstance(config.scaling, (int, float)):
-            data["scaling"] = float(config.scaling)  # AdapterHub accepts only a float here
-        tensors = {}
+        data = bn.bottleneck_dict(config)
+        tensors, used = bn.model_level_tensors(model, record, params, name)
         for (index, kind, pname), p in params.items():
+            if (index, kind, pname) in used:
+                continue
             home = _home(model_type, kind, record.sites[(index, kind)].producer)
             base = f"{layers.saved_path(index, home)}.adapters.{name}"
             head, _, rest = pname.partition(".")
