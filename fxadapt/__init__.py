@@ -47,6 +47,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .methods.union import ConfigUnion
 from .routing import adapter_ids
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigUnion",
     "Fuse",
     "FusionConfig",
     "FxAdaptError",
