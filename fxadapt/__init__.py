@@ -13,6 +13,7 @@ from .api import (
     active_adapters,
     active_setup,
     adapter_parameters,
+    adapter_state,
     add_fusion,
     eject_prefix,
     explain,
@@ -47,6 +48,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .methods.reft import ReftConfig
 from .methods.union import ConfigUnion
 from .routing import adapter_ids
 
@@ -72,6 +74,7 @@ __all__ = [
     "PerRow",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "ReftConfig",
     "SiteNotFoundError",
     "Split",
     "Stack",
@@ -81,6 +84,7 @@ __all__ = [
     "active_setup",
     "adapter_ids",
     "adapter_parameters",
+    "adapter_state",
     "add_fusion",
     "eject_prefix",
     "explain",

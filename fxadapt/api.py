@@ -55,6 +55,7 @@ __all__ = [
     "active_adapters",
     "active_setup",
     "adapter_parameters",
+    "adapter_state",
     "add_fusion",
     "eject_prefix",
     "explain",
@@ -493,6 +494,22 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if container is not None and name in container:
             for pname, p in container[name].named_parameters():
                 out[f"{path}.{CONTAINER}.{name}.{pname}"] = p
+    return out
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Everything saved for adapter ``name``: its parameters and persistent buffers (an orthogonal
+    parametrization's base, ...), keyed by their full state_dict name."""
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    state.record(name)
+    out: dict[str, torch.Tensor] = {}
+    for path in state.layer_paths:
+        container = model.get_submodule(path)._modules.get(CONTAINER)
+        if container is not None and name in container:
+            for key, t in container[name].state_dict(keep_vars=True).items():
+                out[f"{path}.{CONTAINER}.{name}.{key}"] = t
     return out
 
 

@@ -50,6 +50,7 @@ from . import (
     site_reports,
 )
 from . import adapterhub_bottleneck as bn
+from .adapterhub_lora import SHARED, from_adapterhub_param, noop_tensors, shared_keys, to_adapterhub_param
 
 __all__ = ["load_adapter_fusion", "read_adapter", "save_adapter_fusion", "write_adapter"]
 
@@ -131,16 +132,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dvora": {"architecture": "lora", "use_dora": True, "vera_d": 0.1, "vera_b": 0.0},
     "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning"},
     "prompt_tuning": {"architecture": "prompt_tuning"}, "mtl_lora": {"architecture": "mtl_lora"},
-    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft"}, "direft": {"architecture": "reft"},
+    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft", "orthogonality": False},
+    "direft": {"architecture": "reft", "orthogonality": False, "subtract_projection": False},
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
     "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
     "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
     "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
-    "reft": "representation fine-tuning (architecture 'reft': LoReFT / NoReFT / DiReFT)",
     "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
+# architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
+# fxadapt method -> writer; filled at the end of this module
+OTHER_ARCHITECTURES: dict[str, tuple[Any, ...]] = {}
+WRITERS: dict[str, Any] = {}
 # adapter-transformers 1/2: activation names (configs without "version") and key names
 _ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 _LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
@@ -167,6 +172,8 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: 'config' must be a dict or a preset name, got {type(raw).__name__}")
     architecture = raw.get("architecture")
+    if architecture in OTHER_ARCHITECTURES:
+        return dict(raw)
     if architecture in UNSUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"{source}: {UNSUPPORTED_ARCHITECTURES[architecture]} is not supported by fxadapt"
@@ -184,10 +191,10 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
 def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     from ..methods.lora import LoRAConfig
 
-    keys = ("use_gating", "use_dora", "vera_d", "vera_b")
-    unsupported = [f"{k}={data[k]!r}" for k in keys if data.get(k) not in (None, False)]
-    if unsupported:
-        raise CheckpointError(f"{source}: unsupported AdapterHub LoRA feature(s): {', '.join(unsupported)}")
+    if data.get("use_gating") not in (None, False):
+        raise CheckpointError(
+            f"{source}: LoRA with use_gating=True (gated LoRA, as in UniPELT) is not supported by fxadapt"
+        )
     data = dict(data)
     # adapters < 1.1.0 trained LoRA with a faulty scaling; its loader sets alpha = r for them (its #770)
     old = isinstance(version, str) and version.startswith("adapters.")
@@ -262,13 +269,21 @@ def _lora_weights(model, tensors, name, reports, config, source):
     layers = LayerPaths(model)
     by_module: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unmapped = []
+    shared = shared_keys(tensors, name) if config.is_vera else {}
     for key, value in tensors.items():
         split = _split_key(key, "loras", name)
         located = layers.locate(split[0]) if split else None
-        if located is None or split[1] not in ("lora_A", "lora_B"):
+        param = from_adapterhub_param(split[1], value) if located is not None else None
+        if param is not None:
+            by_module.setdefault(located, {})[param[0]] = param[1]
+        elif not (shared and key.rpartition(".")[0].endswith(f"{SHARED}.{name}")):
             unmapped.append(key)
-        else:
-            by_module.setdefault(located, {})[split[1]] = value
+    if config.is_vera and set(shared) != {"lora_A", "lora_B"}:
+        raise CheckpointError(
+            f"{source}: a VeRA adapter, but the checkpoint lacks its shared projections "
+            f"'shared_parameters.{name}.lora_A/lora_B' (AdapterHub 1.3.0 saves them only from a model with a base-"
+            "model prefix, e.g. BertForSequenceClassification, not from a bare BertModel); it cannot be reproduced"
+        )
     roles = [m for m in "qkv" if f"attn.{m}" in config.sites]
     weights: dict[tuple[int, str, str], torch.Tensor] = {}
     kinds: dict[str, None] = {}
@@ -277,6 +292,12 @@ def _lora_weights(model, tensors, name, reports, config, source):
         at = [s for s in report.modules if s.module == path]
         sliced = sorted((s for s in at if s.out_slice is not None), key=lambda s: s.out_slice)
         whole = [s.kind for s in at if s.out_slice is None and s.kind != "attn.qkv"]
+        if sliced and (config.use_dora or config.is_vera or set(params) - {"lora_A", "lora_B"}):
+            raise CheckpointError(
+                f"{source}: AdapterHub's fused-projection LoRA (LoRAMergedLinear, at {layers.paths[index]}.{path}) "
+                "has no DoRA / VeRA / MTL-LoRA forward (it ignores use_dora and fails for VeRA); such a checkpoint "
+                "has no defined meaning to reproduce"
+            )
         if sliced:  # AdapterHub's LoRAMergedLinear: the enabled parts stacked in q, k, v order
             for j, site in enumerate(s for s in sliced if s.kind.rsplit(".", 1)[1] in roles):
                 width = site.out_slice[1] - site.out_slice[0]
@@ -296,6 +317,10 @@ def _lora_weights(model, tensors, name, reports, config, source):
         weights.update({(index, kind, p): value for p, value in params.items()})
     if unmapped:
         raise _unmapped(model, source, unmapped)
+    if shared and weights:  # owned by the first adapted projection (LoRAMethod.build_all)
+        first = min((i, k) for i, k, _ in weights)
+        for p, value in shared.items():
+            weights[(*first, f"shared.{p}")] = value
     return weights, ordered(kinds), {i for i, _ in by_module}
 
 
@@ -324,7 +349,9 @@ def read_adapter(
         for old, new in _LEGACY_KEYS.items():
             key = key.replace(old, new)
         tensors[key] = value
-    if data.get("architecture") == "lora":
+    if data.get("architecture") in OTHER_ARCHITECTURES:
+        config, weights = OTHER_ARCHITECTURES[data["architecture"]][0](model, data, tensors, saved, source)
+    elif data.get("architecture") == "lora":
         config = lora_config(data, meta.get("version"), source)
         reports = site_reports(model, example_inputs)
         weights, sites, used = _lora_weights(model, tensors, saved, reports, config, source)
@@ -445,6 +472,17 @@ def _write(
 
 
 def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str, Any]:
+    if (config.use_dora or config.is_vera) and config.variant != "adapterhub":
+        which = "DoRA" if config.use_dora else "VeRA"
+        raise CheckpointError(
+            f"{which} with variant={config.variant!r} computes PEFT's formula, which AdapterHub's {which} does not; "
+            "write it with format='peft', or use variant='adapterhub'"
+        )
+    if getattr(config, "feedforward_modules", ()):
+        raise CheckpointError(
+            f"(IA)^3 on the input of feed-forward modules {list(config.feedforward_modules)} (PEFT's "
+            "feedforward_modules) has no AdapterHub form (its (IA)^3 scales outputs); write it with format='peft'"
+        )
     ffn = FFN_LORA.get(model_type or "", FFN_LORA_DEFAULT)
     allowed = {f"{p}.{m}" for p in ("attn", "cross") for m in "qkv"} | set(ffn)
     if kinds - allowed:
@@ -465,13 +503,15 @@ def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str
         else config.alpha,  # theirs: alpha / r
         "dropout": config.dropout,
         "composition_mode": config.composition_mode,
-        "init_weights": config.init_weights if config.init_weights in ("lora", "bert", "ia3") else "lora",
+        "init_weights": config.init_weights
+        if config.init_weights in ("lora", "bert", "ia3", "vera")
+        else "lora",
         "init_weights_seed": None,
         "leave_out": list(config.leave_out),
         "use_gating": False,
-        "use_dora": False,
-        "vera_d": None,
-        "vera_b": None,
+        "use_dora": config.use_dora,
+        "vera_d": config.vera_d,
+        "vera_b": config.vera_b,
         "dtype": None,
     }
 
@@ -509,7 +549,15 @@ def write_adapter(
             if head != "down":
                 theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
                 tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+    elif config.method in WRITERS:
+        data, tensors = WRITERS[config.method](model, record, params, name)
     elif config.method in ("lora", "ia3"):
+        outside = sorted({k for i, ks in record.placements.items() for k in ks if (i, k) not in record.sites})
+        if outside:
+            raise CheckpointError(
+                f"AdapterHub's LoRA adapts projections inside the layers only; adapter {name!r} also adapts "
+                f"{outside}; write it with format='peft'"
+            )
         data = _lora_dict(config, model_type, {k for _, k in record.sites})
         tensors = _lora_tensors(model, record, params, name, layers, config, data["attn_matrices"])
     else:
@@ -521,9 +569,9 @@ def write_adapter(
 
 
 def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[str, torch.Tensor]:
-    """LoRA weights under AdapterHub's keys, fused projections stacked. AdapterHub's ``selfattn_lora`` adapts self-
-    and cross-attention alike: sites it adds that fxadapt's adapter lacks get no-op weights (B = 0; 1/alpha in
-    scale mode)."""
+    """LoRA-family weights under AdapterHub's keys (``adapterhub_lora.py``), fused projections stacked.
+    AdapterHub's ``selfattn_lora`` adapts self- and cross-attention alike: sites it adds that fxadapt's adapter
+    lacks get no-op weights (``noop_tensors``)."""
     from ..methods.lora import projection_features
 
     by_module: dict[tuple[int, str], list] = {}
@@ -535,25 +583,41 @@ def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[st
             wanted = kind.startswith(("attn.", "cross.")) and role in roles and index not in config.leave_out
             if wanted and (index, kind) not in record.sites:
                 by_module.setdefault((index, site.module), []).append((site, False))
-    scale = config.composition_mode == "scale"
     out = {}
     for (index, path), sites in by_module.items():
-        parts: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": []}
+        parts: dict[str, list[torch.Tensor]] = {}
         for site, present in sorted(sites, key=lambda s: s[0].out_slice or (0, 0)):
+            if site.out_slice is not None and (config.use_dora or config.is_vera):
+                raise CheckpointError(
+                    f"AdapterHub's fused-projection LoRA (LoRAMergedLinear, {path!r}) has no DoRA or VeRA forward; "
+                    f"adapter {name!r} at the slice site {site.kind!r} cannot be written for it"
+                )
             if present:
-                for p in parts:
-                    if (index, site.kind, p) in params:
-                        parts[p].append(params[(index, site.kind, p)])
+                for (i, kind, p), value in params.items():
+                    mapped = to_adapterhub_param(p, value) if (i, kind) == (index, site.kind) else None
+                    if mapped is not None:
+                        parts.setdefault(mapped[0], []).append(mapped[1])
                 continue
-            in_f, out_f, _ = projection_features(model.get_submodule(f"{layers.paths[index]}.{path}"))
-            rows = site.out_slice[1] - site.out_slice[0] if site.out_slice else out_f
-            parts["lora_B"].append(
-                torch.full((rows, 1 if scale else config.r), 1 / config.alpha if scale else 0.0)
-            )
-            if not scale:
-                parts["lora_A"].append(torch.zeros(config.r, in_f))
+            proj = model.get_submodule(f"{layers.paths[index]}.{path}")
+            in_f, out_f, transposed = projection_features(proj)
+            start, stop = site.out_slice if site.out_slice else (0, out_f)
+            w = (proj.weight.t() if transposed else proj.weight)[start:stop] if config.use_dora else None
+            for p, value in noop_tensors(config, stop - start, in_f, w).items():
+                parts.setdefault(p, []).append(value)
         base = f"{layers.saved_path(index, path)}.loras.{name}"
-        out.update({f"{base}.{p}": torch.cat(ts, 0) for p, ts in parts.items() if ts})
+        out.update({f"{base}.{p}": torch.cat(ts, 0) for p, ts in parts.items()})
+    if config.is_vera:
+        first = min(record.sites)
+        shared = f"{layers.prefix}.{SHARED}" if layers.prefix else SHARED
+        if not layers.prefix:
+            logger.warning(
+                "VeRA adapter %r of %s (no base-model prefix): AdapterHub 1.3.0 loads its shared projections "
+                "only under a prefix ('.shared_parameters.'); load it into a model with a head there",
+                name,
+                type(model).__name__,
+            )
+        for p in ("lora_A", "lora_B"):
+            out[f"{shared}.{name}.{p}"] = params[(*first, f"shared.{p}")]
     return out
 
 
@@ -685,3 +749,29 @@ def save_adapter_fusion(
     folder = Path(directory)
     _write(folder, FUSION_FILES, meta, tensors, use_safetensors)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# other architectures (one module each)
+
+
+def _read_reft(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_reft import reft_config, reft_weights
+
+    return reft_config(data, source), reft_weights(model, tensors, saved, source)
+
+
+def _write_reft(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_reft import reft_tensors
+
+    if not record.config.subtract_projection:
+        raise CheckpointError(
+            f"adapter {name!r} is a DiReFT (subtract_projection=False), which adapters 1.3.0 cannot load: it rebuilds "
+            "ReFT configs from their fields and subtract_projection is not one, so it would run it as NoReFT"
+        )
+
+    return record.config.to_adapterhub(), reft_tensors(model, record, params, name)
+
+
+OTHER_ARCHITECTURES["reft"] = (_read_reft,)
+WRITERS["reft"] = _write_reft
