@@ -40,6 +40,7 @@ from ..errors import CheckpointError, ConfigError, FxAdaptError, nearest
 from . import (
     LayerPaths,
     Translated,
+    adapterhub_union,
     check_model,
     describe,
     listed,
@@ -140,7 +141,6 @@ UNSUPPORTED_ARCHITECTURES = {
     "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
     "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
     "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
-    "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
 # architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
 # fxadapt method -> writer; filled at the end of this module
@@ -191,10 +191,6 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
 def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     from ..methods.lora import LoRAConfig
 
-    if data.get("use_gating") not in (None, False):
-        raise CheckpointError(
-            f"{source}: LoRA with use_gating=True (gated LoRA, as in UniPELT) is not supported by fxadapt"
-        )
     data = dict(data)
     # adapters < 1.1.0 trained LoRA with a faulty scaling; its loader sets alpha = r for them (its #770)
     old = isinstance(version, str) and version.startswith("adapters.")
@@ -292,7 +288,8 @@ def _lora_weights(model, tensors, name, reports, config, source):
         at = [s for s in report.modules if s.module == path]
         sliced = sorted((s for s in at if s.out_slice is not None), key=lambda s: s.out_slice)
         whole = [s.kind for s in at if s.out_slice is None and s.kind != "attn.qkv"]
-        if sliced and (config.use_dora or config.is_vera or set(params) - {"lora_A", "lora_B"}):
+        gates = {"gate.weight", "gate.bias"}  # gated LoRA (UniPELT): one gate row per enabled part
+        if sliced and (config.use_dora or config.is_vera or set(params) - {"lora_A", "lora_B"} - gates):
             raise CheckpointError(
                 f"{source}: AdapterHub's fused-projection LoRA (LoRAMergedLinear, at {layers.paths[index]}.{path}) "
                 "has no DoRA / VeRA / MTL-LoRA forward (it ignores use_dora and fails for VeRA); such a checkpoint "
@@ -304,6 +301,8 @@ def _lora_weights(model, tensors, name, reports, config, source):
                 rows = {
                     "lora_A": slice(j * config.r, (j + 1) * config.r),
                     "lora_B": slice(j * width, (j + 1) * width),
+                    "gate.weight": slice(j, j + 1),
+                    "gate.bias": slice(j, j + 1),
                 }
                 for p, value in params.items():
                     weights[(index, site.kind, p)] = value[rows[p]]
@@ -508,7 +507,7 @@ def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str
         else "lora",
         "init_weights_seed": None,
         "leave_out": list(config.leave_out),
-        "use_gating": False,
+        "use_gating": config.use_gating,
         "use_dora": config.use_dora,
         "vera_d": config.vera_d,
         "vera_b": config.vera_b,
@@ -534,21 +533,7 @@ def write_adapter(
     layers = LayerPaths(model)
     params = module_parameters(model, name)
     if config.method == "bottleneck":
-        data = bn.bottleneck_dict(config)
-        tensors, used = bn.model_level_tensors(model, record, params, name)
-        for (index, kind, pname), p in params.items():
-            if (index, kind, pname) in used:
-                continue
-            home = _home(model_type, kind, record.sites[(index, kind)].producer)
-            base = f"{layers.saved_path(index, home)}.adapters.{name}"
-            head, _, rest = pname.partition(".")
-            if head == "down":
-                tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
-            if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
-                tensors[f"{base}.adapter_down.0.{rest}"] = p
-            if head != "down":
-                theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
-                tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+        data, tensors = write_bottleneck(model, record, params, name)
     elif config.method in WRITERS:
         data, tensors = WRITERS[config.method](model, record, params, name)
     elif config.method in ("lora", "ia3"):
@@ -566,6 +551,29 @@ def write_adapter(
     if with_head:
         _write_head(model, folder, use_safetensors)
     return folder
+
+
+def write_bottleneck(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    """AdapterHub's ``BnConfig`` dict and tensors of a bottleneck adapter (``record``: its sites)."""
+    config = record.config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = LayerPaths(model)
+    data = bn.bottleneck_dict(config)
+    tensors, used = bn.model_level_tensors(model, record, params, name)
+    for (index, kind, pname), p in params.items():
+        if (index, kind, pname) in used:
+            continue
+        home = _home(model_type, kind, record.sites[(index, kind)].producer)
+        base = f"{layers.saved_path(index, home)}.adapters.{name}"
+        head, _, rest = pname.partition(".")
+        if head == "down":
+            tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
+        if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
+            tensors[f"{base}.adapter_down.0.{rest}"] = p
+        if head != "down":
+            theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
+            tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+    return data, tensors
 
 
 def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[str, torch.Tensor]:
@@ -775,3 +783,5 @@ def _write_reft(model: nn.Module, record: Any, params: dict, name: str) -> tuple
 
 OTHER_ARCHITECTURES["reft"] = (_read_reft,)
 WRITERS["reft"] = _write_reft
+OTHER_ARCHITECTURES["union"] = (adapterhub_union.read_union,)
+WRITERS["union"] = adapterhub_union.write_union

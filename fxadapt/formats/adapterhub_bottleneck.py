@@ -31,6 +31,7 @@ __all__ = [
     "BN_DEFAULTS",
     "bottleneck_config",
     "bottleneck_dict",
+    "is_model_level",
     "model_level_tensors",
     "model_level_weights",
     "split_model_level",
@@ -105,6 +106,11 @@ def bottleneck_dict(config: Any) -> dict[str, Any]:
 
 def _pattern(container: str, name: str) -> re.Pattern[str]:
     return re.compile(rf"(?:^|\.){container}\.{re.escape(name)}\.(.+)$")
+
+
+def is_model_level(key: str, name: str) -> bool:
+    """Whether ``key`` is one of adapter ``name``'s invertible-block or shared-PHM weights."""
+    return bool(_pattern(INVERTIBLE, name).search(key) or _pattern(SHARED, name).search(key))
 
 
 def split_model_level(

@@ -104,3 +104,22 @@ def mam(**prefix_tuning: Any) -> ConfigUnion:
 
 
 register_preset("mam", mam)
+
+
+def unipelt() -> ConfigUnion:
+    """AdapterHub's ``UniPELTConfig()``: gated prefix tuning (length 10), gated ``seq_bn`` and gated LoRA (r=8,
+    alpha=2), each with AdapterHub's gates."""
+    from .bottleneck import BottleneckConfig
+    from .lora import LoRAConfig
+    from .prefix import PrefixTuningConfig
+
+    return ConfigUnion(
+        configs=(
+            PrefixTuningConfig(prefix_length=10, use_gating=True),
+            BottleneckConfig(reduction_factor=16, use_gating=True),
+            LoRAConfig(r=8, alpha=2, use_gating=True),
+        )
+    )
+
+
+register_preset("unipelt", unipelt)
