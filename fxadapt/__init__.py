@@ -50,6 +50,7 @@ from .methods.mtl_lora import MTLLoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
 from .methods.reft import ReftConfig
+from .methods.union import ConfigUnion
 from .routing import adapter_ids
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigUnion",
     "Fuse",
     "FusionConfig",
     "FxAdaptError",

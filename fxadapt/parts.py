@@ -291,10 +291,11 @@ def governing_config(record: Any, kind: str) -> AdapterConfig:
 
 def why_not_mergeable(config: AdapterConfig) -> str | None:
     """Why adapter ``config`` cannot be merged (the first member's reason), or None."""
-    for method, member in components(config):
+    members = components(config)
+    for method, member in members:
         why = method.why_not_mergeable(member)
         if why is not None:
-            return why
+            return f"its {method.name} member: {why}" if len(members) > 1 else why
     return None
 
 

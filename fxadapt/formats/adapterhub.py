@@ -26,7 +26,6 @@ Writing must put weights where AdapterHub will look, which differs per family: :
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from ..errors import CheckpointError, ConfigError, FxAdaptError, nearest
 from . import (
     LayerPaths,
     Translated,
+    adapterhub_union,
     check_model,
     describe,
     listed,
@@ -50,6 +50,7 @@ from . import (
     read_tensors,
     site_reports,
 )
+from . import adapterhub_bottleneck as bn
 from .adapterhub_lora import SHARED, from_adapterhub_param, noop_tensors, shared_keys, to_adapterhub_param
 
 __all__ = ["load_adapter_fusion", "read_adapter", "save_adapter_fusion", "write_adapter"]
@@ -137,7 +138,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
-    "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
 # architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
 # fxadapt method -> writer; filled at the end of this module
@@ -149,19 +149,12 @@ _LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang
                 "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
                 "invertible_lang_adapters": "invertible_adapters"}
 _BOTTLENECK_PARAMS = {"adapter_up": "up", "adapter_norm_before": "norm_before", "adapter_norm_after": "norm_after",
-                      "scaling": "scaling"}
+                      "scaling": "scaling", "gate": "gate"}
 # fmt: on
 
 
 # ------------------------------------------------------------------------------------------------------------
 # configs
-
-
-def _bottleneck_fields() -> list[str]:
-    """BottleneckConfig fields named as in AdapterHub's BnConfig (all but ``sites``)."""
-    from ..methods.bottleneck import BottleneckConfig
-
-    return [f.name for f in dataclasses.fields(BottleneckConfig) if f.name != "sites"]
 
 
 def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
@@ -192,52 +185,9 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
     return data
 
 
-def bottleneck_config(data: dict[str, Any], has_invertible: bool, source: str) -> Any:
-    from ..methods.bottleneck import BottleneckConfig
-
-    unsupported = [
-        why
-        for why, present in (
-            ("phm_layer=True (Compacter's PHM layers)", data.get("phm_layer")),
-            ("use_gating=True (gated adapters)", data.get("use_gating")),
-            (
-                f"stochastic_depth={data.get('stochastic_depth')} (drop path)",
-                (data.get("stochastic_depth") or 0) > 0,
-            ),
-            (
-                f"inv_adapter={data.get('inv_adapter')!r} (invertible adapters)",
-                data.get("inv_adapter") and has_invertible,
-            ),
-        )
-        if present
-    ]
-    if unsupported:
-        raise CheckpointError(
-            f"{source}: unsupported AdapterHub bottleneck feature(s): {', '.join(unsupported)}"
-        )
-    missing = [
-        k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in data
-    ]
-    if missing:
-        raise CheckpointError(f"{source}: bottleneck config lacks required field(s) {missing}")
-    flags = (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"), ("cross_adapter", "cross.out"))
-    kwargs = {k: data[k] for k in _bottleneck_fields()}
-    if isinstance(kwargs["scaling"], int) and not isinstance(kwargs["scaling"], bool):
-        kwargs["scaling"] = float(kwargs["scaling"])
-    kwargs["leave_out"] = tuple(kwargs["leave_out"] or ())
-    try:
-        return BottleneckConfig(sites=tuple(kind for key, kind in flags if data.get(key)), **kwargs)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
-
-
 def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     from ..methods.lora import LoRAConfig
 
-    if data.get("use_gating") not in (None, False):
-        raise CheckpointError(
-            f"{source}: LoRA with use_gating=True (gated LoRA, as in UniPELT) is not supported by fxadapt"
-        )
     data = dict(data)
     # adapters < 1.1.0 trained LoRA with a faulty scaling; its loader sets alpha = r for them (its #770)
     old = isinstance(version, str) and version.startswith("adapters.")
@@ -340,7 +290,8 @@ def _lora_weights(model, tensors, name, reports, config, source):
         at = [s for s in report.modules if s.module == path]
         sliced = sorted((s for s in at if s.out_slice is not None), key=lambda s: s.out_slice)
         whole = [s.kind for s in at if s.out_slice is None and s.kind != "attn.qkv"]
-        if sliced and (config.use_dora or config.is_vera or set(params) - {"lora_A", "lora_B"}):
+        gates = {"gate.weight", "gate.bias"}  # gated LoRA (UniPELT): one gate row per enabled part
+        if sliced and (config.use_dora or config.is_vera or set(params) - {"lora_A", "lora_B"} - gates):
             raise CheckpointError(
                 f"{source}: AdapterHub's fused-projection LoRA (LoRAMergedLinear, at {layers.paths[index]}.{path}) "
                 "has no DoRA / VeRA / MTL-LoRA forward (it ignores use_dora and fails for VeRA); such a checkpoint "
@@ -352,6 +303,8 @@ def _lora_weights(model, tensors, name, reports, config, source):
                 rows = {
                     "lora_A": slice(j * config.r, (j + 1) * config.r),
                     "lora_B": slice(j * width, (j + 1) * width),
+                    "gate.weight": slice(j, j + 1),
+                    "gate.bias": slice(j, j + 1),
                 }
                 for p, value in params.items():
                     weights[(index, site.kind, p)] = value[rows[p]]
@@ -407,13 +360,14 @@ def read_adapter(
             raise CheckpointError(f"{source}: holds no LoRA weights for adapter {saved!r}")
         config = config.replace(sites=sites, leave_out=tuple(i for i in range(len(reports)) if i not in used))
     else:
-        invertible = any(f"invertible_adapters.{saved}." in k for k in tensors)
-        config = bottleneck_config(data, invertible, source)
+        tensors, extra = bn.split_model_level(tensors, saved)  # invertible block, shared PHM weights
+        config = bn.bottleneck_config(data, bool(extra["invertible"]), source)
         reports = site_reports(model, example_inputs)
         ln_before = config.ln_before
         weights = _residual_weights(
             model, tensors, "adapters", saved, reports, lambda p: _bottleneck_param(p, ln_before), source
         )
+        weights.update(bn.model_level_weights(config, extra, weights, source))
     head = _read_head(model, folder, source) if load_head else {}
     return Translated(name or saved, config, weights, head, source)
 
@@ -555,7 +509,7 @@ def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str
         else "lora",
         "init_weights_seed": None,
         "leave_out": list(config.leave_out),
-        "use_gating": False,
+        "use_gating": config.use_gating,
         "use_dora": config.use_dora,
         "vera_d": config.vera_d,
         "vera_b": config.vera_b,
@@ -581,32 +535,7 @@ def write_adapter(
     layers = LayerPaths(model)
     params = module_parameters(model, name)
     if config.method == "bottleneck":
-        data = {
-            **_BN,
-            **{k: getattr(config, k) for k in _bottleneck_fields()},
-            "leave_out": list(config.leave_out),
-        }
-        data.update(
-            {
-                k: kind in config.sites
-                for k, kind in (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"))
-            }
-        )
-        data["cross_adapter"] = "cross.out" in config.sites
-        if isinstance(config.scaling, (int, float)):
-            data["scaling"] = float(config.scaling)  # AdapterHub accepts only a float here
-        tensors = {}
-        for (index, kind, pname), p in params.items():
-            home = _home(model_type, kind, record.sites[(index, kind)].producer)
-            base = f"{layers.saved_path(index, home)}.adapters.{name}"
-            head, _, rest = pname.partition(".")
-            if head == "down":
-                tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
-            if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
-                tensors[f"{base}.adapter_down.0.{rest}"] = p
-            if head != "down":
-                theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
-                tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+        data, tensors = write_bottleneck(model, record, params, name)
     elif config.method in WRITERS:
         data, tensors = WRITERS[config.method](model, record, params, name)
     elif config.method in ("lora", "ia3", "mtl_lora"):
@@ -631,6 +560,29 @@ def write_adapter(
     if with_head:
         _write_head(model, folder, use_safetensors)
     return folder
+
+
+def write_bottleneck(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    """AdapterHub's ``BnConfig`` dict and tensors of a bottleneck adapter (``record``: its sites)."""
+    config = record.config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = LayerPaths(model)
+    data = bn.bottleneck_dict(config)
+    tensors, used = bn.model_level_tensors(model, record, params, name)
+    for (index, kind, pname), p in params.items():
+        if (index, kind, pname) in used:
+            continue
+        home = _home(model_type, kind, record.sites[(index, kind)].producer)
+        base = f"{layers.saved_path(index, home)}.adapters.{name}"
+        head, _, rest = pname.partition(".")
+        if head == "down":
+            tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
+        if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
+            tensors[f"{base}.adapter_down.0.{rest}"] = p
+        if head != "down":
+            theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
+            tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+    return data, tensors
 
 
 def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[str, torch.Tensor]:
@@ -874,3 +826,6 @@ OTHER_ARCHITECTURES["prefix_tuning"] = (_read_prefix,)
 OTHER_ARCHITECTURES["prompt_tuning"] = (_read_prompt,)
 WRITERS["prefix_tuning"] = _write_prefix
 WRITERS["prompt_tuning"] = _write_prompt
+
+OTHER_ARCHITECTURES["union"] = (adapterhub_union.read_union,)
+WRITERS["union"] = adapterhub_union.write_union

@@ -38,6 +38,8 @@ _IN = {
     "vera_B": "vera_B",
     "task_specific.values": "task_specific",
     "weights": "weights",
+    "gate.weight": "gate.weight",  # gated LoRA (UniPELT)
+    "gate.bias": "gate.bias",
 }
 _OUT = {v: k for k, v in _IN.items()}
 
@@ -92,6 +94,9 @@ def noop_tensors(
     else:
         out["lora_A"] = torch.zeros(config.r, in_features)
         out["lora_B"] = torch.zeros(rows, config.r)
+    if getattr(config, "use_gating", False):  # any gate: the update is zero
+        out["gate.weight"] = torch.zeros(1, in_features)
+        out["gate.bias"] = torch.zeros(1)
     if config.use_dora:
         assert weight_rows is not None
         out["m.weight"] = torch.linalg.norm(weight_rows.detach().float(), dim=1).reshape(-1, 1)

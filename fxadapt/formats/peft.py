@@ -285,6 +285,11 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
         )
     if config.use_dora and config.is_vera:
         raise CheckpointError(f"adapter {name!r} combines DoRA and VeRA, which PEFT has no form for")
+    if getattr(config, "use_gating", False):
+        raise CheckpointError(
+            f"adapter {name!r} is a gated LoRA (use_gating=True, UniPELT's), which PEFT has no form for; write it "
+            "with format='adapterhub'"
+        )
     params = module_parameters(model, name)
     paths = get_state(model).layer_paths
     tensors: dict[str, torch.Tensor] = {}

@@ -81,6 +81,8 @@ class LoRAConfig(AdapterConfig):
             factors initialised to ``vera_d`` (before B) and ``vera_b`` (after B). Both or neither.
         variant: whose formulas DoRA and VeRA follow where the peers differ: ``"adapterhub"`` (default) or
             ``"peft"`` (``from_peft`` sets it). Plain LoRA and (IA)^3 are the same in both.
+        use_gating: AdapterHub's gated LoRA (UniPELT): the update ``B A x`` times ``g = mean over positions of
+            sigmoid(gate(x))`` (``gate: Linear(in, 1)``) *instead of* the scaling ``s``, as AdapterHub computes it.
     """
 
     method: ClassVar[str] = "lora"
@@ -99,6 +101,7 @@ class LoRAConfig(AdapterConfig):
     vera_d: float | None = None
     vera_b: float | None = None
     variant: str = "adapterhub"
+    use_gating: bool = False
 
     def _fail(self, field: str, value: Any, expected: str, choices: Any = ()) -> None:
         raise ConfigError(
@@ -192,6 +195,14 @@ class LoRAConfig(AdapterConfig):
                 "vera_d" if self.vera_d is None else "vera_b",
                 None,
                 f"a number: VeRA needs both vera_d and vera_b (got vera_d={self.vera_d!r}, vera_b={self.vera_b!r})",
+            )
+        if not isinstance(self.use_gating, bool):
+            fail("use_gating", self.use_gating, "True or False")
+        if self.use_gating and (self.use_dora or self.is_vera or self.composition_mode == "scale"):
+            fail(
+                "use_gating",
+                True,
+                "False with DoRA, VeRA or composition_mode='scale': gated LoRA is plain LoRA with a gate",
             )
         if self.composition_mode == "scale" and (self.use_dora or self.is_vera):
             which = "use_dora=True (DoRA)" if self.use_dora else "vera_d/vera_b (VeRA)"
@@ -308,11 +319,6 @@ class LoRAConfig(AdapterConfig):
         ``output_lora`` → ``ffn.down``. ``composition_mode="scale"`` gives an :class:`~fxadapt.IA3Config`.
         """
         data = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        if data.get("use_gating") not in (None, False):
-            raise ConfigError(
-                f"from_adapterhub: use_gating={data['use_gating']!r} (gated LoRA, UniPELT's gates) is not "
-                "supported by fxadapt's LoRA; expected use_gating=False"
-            )
         sites: list[str] = []
         if data.get("selfattn_lora", True):
             sites += [f"attn.{m}" for m in data.get("attn_matrices", ["q", "v"])]
@@ -331,6 +337,7 @@ class LoRAConfig(AdapterConfig):
             use_dora=bool(data.get("use_dora", False)),
             vera_d=data.get("vera_d"),
             vera_b=data.get("vera_b"),
+            use_gating=bool(data.get("use_gating", False)),
         )
         target = cls
         if kwargs["composition_mode"] == "scale":
@@ -439,6 +446,9 @@ class LoRA(_SiteSlice):
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters(config.init_weights)
+        self.gate = nn.Linear(in_features, 1) if getattr(config, "use_gating", False) else None
+        if self.gate is not None:  # AdapterHub: N(0, 0.02) weight, torch's default bias
+            nn.init.normal_(self.gate.weight, std=0.02)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -459,6 +469,9 @@ class LoRA(_SiteSlice):
             nn.init.kaiming_uniform_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:  # the gate replaces the scaling (AdapterHub's LoRA.forward)
+            gate = torch.sigmoid(self.gate(x)).mean(dim=1).unsqueeze(-1)
+            return self.pad(lora_delta(self.dropout(x), self.lora_A, self.lora_B, 1.0) * gate, 0.0)
         return self.pad(lora_delta(self.dropout(x), self.lora_A, self.lora_B, self.scaling), 0.0)
 
     def delta_weight(self) -> torch.Tensor:
@@ -513,6 +526,11 @@ class LoRAMethod(Method):
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, LoRAConfig)
         return config.sites
+
+    def why_not_mergeable(self, config: AdapterConfig) -> str | None:
+        if getattr(config, "use_gating", False):
+            return "its gate depends on each input (gated LoRA), so no fixed weight equals it"
+        return None
 
     def requests(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, LoRAConfig)
