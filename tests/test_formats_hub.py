@@ -217,7 +217,10 @@ def _edit(folder, **changes):
             r"gated prefix tuning \(use_gating=True",
         ),
         ({"config": {"architecture": "union", "configs": []}}, r"ConfigUnion"),
-        ({"config": {"architecture": "lora", "use_dora": True}}, r"keys that map to no site"),  # bottleneck keys
+        (
+            {"config": {"architecture": "lora", "use_dora": True}},
+            r"keys that map to no site",
+        ),  # bottleneck keys
         ({"config": "seq_bm"}, r"unknown AdapterHub config name 'seq_bm'.*did you mean 'seq_bn'"),
         ({"model_type": "roberta"}, r"saved for a 'bert' model|saved for a 'roberta' model"),
         ({"hidden_size": 64}, r"hidden_size=64, but BertModel has hidden_size=32"),

@@ -78,7 +78,14 @@ class PrefixTuningConfig(AdapterConfig):
                 fail(field, "an int > 0")
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in activation_names():
             fail("non_linearity", f"one of {activation_names()}")
-        for field in ("flat", "encoder_prefix", "cross_prefix", "shift_positions", "use_gating", "shared_gating"):
+        for field in (
+            "flat",
+            "encoder_prefix",
+            "cross_prefix",
+            "shift_positions",
+            "use_gating",
+            "shared_gating",
+        ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "True or False")
         if (
