@@ -13,6 +13,7 @@ from .api import (
     active_adapters,
     active_setup,
     adapter_parameters,
+    adapter_state,
     add_fusion,
     eject_prefix,
     explain,
@@ -46,8 +47,11 @@ from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
+from .methods.mtl_lora import MTLLoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .methods.reft import ReftConfig
+from .methods.union import ConfigUnion
 from .progress import progress_bars
 from .routing import adapter_ids
 
@@ -61,17 +65,20 @@ __all__ = [
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigUnion",
     "Fuse",
     "FusionConfig",
     "FxAdaptError",
     "IA3Config",
     "LoRAConfig",
+    "MTLLoRAConfig",
     "NameCollisionError",
     "NotMergeableError",
     "Parallel",
     "PerRow",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "ReftConfig",
     "SiteNotFoundError",
     "Split",
     "Stack",
@@ -81,6 +88,7 @@ __all__ = [
     "active_setup",
     "adapter_ids",
     "adapter_parameters",
+    "adapter_state",
     "add_fusion",
     "aot_package",
     "eject_prefix",

@@ -27,7 +27,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .capture import is_attention_function
+from .graphs import is_attention_function
 from .install import layer_state
 from .model import layers_of, prime
 
@@ -51,6 +51,7 @@ class LayerExplanation:
         plan: the active adapters at this layer, ``"<name> (<method>) at <site>"``.
         kernels: kernel-lowering notes of the last compiled specialisation.
         calls: every leaf call of the captured graph, ``"<module path> (<class>)"`` or a function (``verbose``).
+        notes: why expected sites are missing (projections no role was found for, hand-written attention).
     """
 
     path: str
@@ -63,6 +64,7 @@ class LayerExplanation:
     plan: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def _body(self) -> tuple:
         """Everything but the path: layers with equal bodies (and the same parent list) are shown collapsed."""
@@ -81,6 +83,8 @@ class LayerExplanation:
             out.append(_wrap("kernels: ", note))
         for leaf, why in self.leaves.items():
             out.append(_wrap(f"opaque submodule {leaf}: ", why))
+        for note in self.notes:
+            out.append(_wrap("note: ", note))
         for node, why in self.rejected:
             out.append(_wrap(f"not a site: {node}: ", why))
         if self.calls:
@@ -203,6 +207,15 @@ def _leaf_calls(layer: nn.Module, graph: Any) -> list[str]:
     return calls
 
 
+def _site(site: Any) -> str:
+    """``"<kind> (from <producer>[, post-norm | , before its post-norm | , branch])"``."""
+    if site.mode == "branch":
+        where = ", before its post-norm" if site.norm else ", parallel branch"
+    else:
+        where = ", post-norm" if site.norm else ""
+    return f"{site.kind} (from {site.producer}{where})"
+
+
 def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = False) -> Explanation:
     """Per layer: the sites found, opaque submodules and why, captures, the active plan, kernel lowering.
 
@@ -237,9 +250,7 @@ def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = Fal
             LayerExplanation(
                 path=path,
                 cls=(lstate.orig_class if lstate else type(layer)).__name__,
-                sites=[
-                    f"{s.kind} (from {s.producer}{', post-norm' if s.norm else ''})" for s in report.residual
-                ],
+                sites=[_site(s) for s in report.residual],
                 module_sites=[f"{s.kind}={s.module}" for s in report.modules],
                 leaves=dict(traced.capture.leaf_reasons),
                 rejected=rejected,
@@ -247,6 +258,7 @@ def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = Fal
                 plan=lstate.plan.describe() if lstate else [],
                 kernels=list(lstate.notes) if lstate else [],
                 calls=calls,
+                notes=list(report.notes),
             )
         )
     return Explanation(type(model).__name__, out)

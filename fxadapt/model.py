@@ -18,6 +18,7 @@ from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
 from .install import LayerState, Traced, layer_state
 from .methods.base import AdapterConfig
+from .parts import governing_config
 from .progress import track
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
 from .sites import find_sites
@@ -33,18 +34,18 @@ __all__ = [
 ]
 
 _MODEL_STATE = "_fxadapt_model"
-MODEL_LEVEL_KINDS = frozenset({"embed"})
 CONTAINER = "fxadapt"
 
 
 @dataclass
 class AdapterRecord:
     config: AdapterConfig
-    placements: dict[int, tuple[str, ...]]  # layer index -> site kinds
+    placements: dict[int, tuple[str, ...]]  # layer index -> site kinds and model parts held in its container
     sites: dict[tuple[int, str], Any] = field(
         default_factory=dict
-    )  # (layer, kind) -> ResidualSite/ModuleSite
+    )  # (layer, kind) -> ResidualSite/ModuleSite; model parts (applied by hooks) have no entry
     merged: bool = False  # folded into the base weights: not in any plan while merged
+    members: dict[str, int] = field(default_factory=dict)  # union adapters: site kind -> governing member
 
 
 @dataclass
@@ -259,10 +260,10 @@ def plan_for(state: ModelState, index: int) -> LayerPlan:
         if record.merged:
             continue
         for kind in record.placements.get(index, ()):
-            if kind in MODEL_LEVEL_KINDS:  # applied by hooks on the model's input, not in a layer's code
+            if (index, kind) not in record.sites:  # a model part: its method's hooks apply it, not layer code
                 continue
             sites.setdefault(kind, []).append(
-                AdapterRef(name, f"{CONTAINER}.{name}.{site_key(kind)}", record.config)
+                AdapterRef(name, f"{CONTAINER}.{name}.{site_key(kind)}", governing_config(record, kind))
             )
     fusions: dict[str, list[tuple[str, str, Any]]] = {}
     for fuse in _fuse_blocks(setup):

@@ -361,7 +361,9 @@ def test_missing_site_and_pattern_leave_model_unchanged():
     fxadapt.inject(model, {"a": "lora"})
     randomise(model, "a")
     snap = Snapshot(model)
-    with pytest.raises(fxadapt.SiteNotFoundError, match=r"\['ffn.gate'\] not found in BertModel") as exc:
+    with pytest.raises(
+        fxadapt.SiteNotFoundError, match=r"\['ffn.gate'\] not found in the blocks \(BertLayer\) of BertModel"
+    ) as exc:
         fxadapt.inject(model, {"b": fxadapt.LoRAConfig(sites=("ffn.gate",))})
     assert isinstance(exc.value, LookupError)
     snap.assert_unchanged()
