@@ -122,7 +122,12 @@ def _is_layer_list(ml: nn.ModuleList) -> bool:
     if len(ml) == 0:
         return False
     cls = type(ml[0])
-    if any(type(m) is not cls for m in ml):
+    # one class, or classes made per instance by a wrapper library (same module and name: AdapterHub's)
+    if any(
+        type(m) is not cls
+        and (type(m).__module__, type(m).__qualname__) != (cls.__module__, cls.__qualname__)
+        for m in ml
+    ):
         return False
     if cls.__module__.startswith("torch.nn"):  # lists of plain Linear/Conv heads are not transformer layers
         return False

@@ -81,6 +81,10 @@ class LoRAConfig(AdapterConfig):
             factors initialised to ``vera_d`` (before B) and ``vera_b`` (after B). Both or neither.
         variant: whose formulas DoRA and VeRA follow where the peers differ: ``"adapterhub"`` (default) or
             ``"peft"`` (``from_peft`` sets it). Plain LoRA and (IA)^3 are the same in both.
+        cross_attention: an ``attn.<m>`` site also adapts the same projection of the cross-attention
+            (``cross.<m>``) where a layer has one, as both peers do (AdapterHub's ``selfattn_lora`` and PEFT's
+            ``target_modules=["q", "v"]`` reach every attention module of encoder-decoder models); False adapts
+            the self-attention only.
         use_gating: AdapterHub's gated LoRA (UniPELT): the update ``B A x`` times ``g = mean over positions of
             sigmoid(gate(x))`` (``gate: Linear(in, 1)``) *instead of* the scaling ``s``, as AdapterHub computes it.
     """
@@ -102,6 +106,7 @@ class LoRAConfig(AdapterConfig):
     vera_b: float | None = None
     variant: str = "adapterhub"
     use_gating: bool = False
+    cross_attention: bool = True
 
     def _fail(self, field: str, value: Any, expected: str, choices: Any = ()) -> None:
         raise ConfigError(
@@ -575,7 +580,14 @@ class LoRAMethod(Method):
 
     def select_sites(self, config, report, layer):  # type: ignore[override]
         if config.target_modules is None:
-            return super().select_sites(config, report, layer)
+            out = super().select_sites(config, report, layer)
+            if config.cross_attention:
+                for kind in config.sites:
+                    role = kind[len("attn.") :] if kind.startswith("attn.") else None
+                    site = report.site(f"cross.{role}") if role in ("q", "k", "v", "o", "qkv") else None
+                    if site is not None:
+                        out.append((kind, site))
+            return out
         out = []
         for request in config.target_modules:
             name = request.strip(".")

@@ -94,14 +94,33 @@ def _copy_lora(ah_model, model) -> int:
     return len(record.sites)
 
 
+# Where AdapterHub's LoRA has no defined q/v meaning to match (documented in docs/architectures.md):
+_NO_PEER_LORA = {
+    # LoRAMergedLinear splits in_proj into contiguous thirds, but DeBERTa's in_proj holds q/k/v interleaved per
+    # head: AdapterHub's "q" and "v" LoRA update other features (fxadapt updates the real q and v features)
+    "deberta": "AdapterHub's merged LoRA assumes contiguous q|k|v thirds; DeBERTa's in_proj interleaves them per head",
+    # its ModernBERT interface changes Wqkv's output (max 0.18 on this tiny model) even with no adapter active
+    "modernbert": "AdapterHub 1.3.0's ModernBERT interface changes the fused Wqkv output with no adapter active",
+}
+
+
 @pytest.mark.parametrize("preset", ["seq_bn", "double_seq_bn", "lora"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_placement_equals_adapterhub(arch, preset):
+    if preset == "lora" and arch in _NO_PEER_LORA:
+        pytest.skip(_NO_PEER_LORA[arch])
     entry = BY_TYPE[arch]
     base = make_model(entry)
     inputs = make_inputs(base, entry)
     ah_model = _adapterhub(base, preset)
-    model = copy.deepcopy(base)
+    # AdapterHub's own copies of some modelling code (DeBERTa) and its ModernBERT interface compute the base
+    # model differently from transformers; compare placements on AdapterHub's base then (its adapters off)
+    ah_base = copy.deepcopy(ah_model)
+    ah_base.set_active_adapters(None)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        same_base = torch.equal(main_output(ah_base(**inputs)), main_output(base(**inputs)))
+    model = copy.deepcopy(base if same_base else ah_base)
     fxadapt.inject(model, {"a": preset})
     copied = (_copy_lora if preset == "lora" else _copy_bottleneck)(ah_model, model)
     assert copied > 0
