@@ -46,6 +46,7 @@ from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
+from .methods.mtl_lora import MTLLoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
 from .methods.reft import ReftConfig
@@ -68,6 +69,7 @@ __all__ = [
     "FxAdaptError",
     "IA3Config",
     "LoRAConfig",
+    "MTLLoRAConfig",
     "NameCollisionError",
     "NotMergeableError",
     "Parallel",

@@ -1,5 +1,5 @@
 """PEFT 0.21 side by side (same venv, transformers 5): DoRA, VeRA, the default ``IA3Config()`` (feed-forward input
-scaling) and LoRA on linears outside the repeating layers, both ways: PEFT-trained adapters loaded with
+scaling), LoRA on linears outside the repeating layers, prompt tuning and prefix tuning, both ways: PEFT-trained adapters loaded with
 ``fxadapt.load_adapter`` and fxadapt adapters written with ``format="peft"`` and loaded by
 ``PeftModel.from_pretrained``, outputs equal within 1e-5; the configs through ``from_peft`` too."""
 
@@ -142,3 +142,36 @@ def test_ia3_default_is_input_scaling_on_bert():
     }
     layer0 = {k: v for k, v in shapes.items()}
     assert layer0["linear:output_dense.lora_B"] == (48, 1)  # the FFN's intermediate width: its input
+
+
+PROMPT_CASES = {
+    "prompt_tuning": lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4),
+    "prefix_tuning": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
+    "prefix_projection": lambda task: peft.PrefixTuningConfig(
+        task_type=task, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROMPT_CASES))
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_peft_prompt_learning_both_ways(arch, case, tmp_path):
+    """PEFT's task models put the prompt in front of ``inputs_embeds`` / hand the prefixes over as a KV cache
+    (the real tokens' positions after them): equal to fxadapt's prompt tuning and ``shift_positions`` prefixes."""
+    base = make_model(arch, attention_dropout=0.0) if arch == "llama" else make_model(arch)
+    inputs = make_inputs(arch)
+    task = "CAUSAL_LM" if arch == "llama" else "FEATURE_EXTRACTION"
+    theirs = _trained(peft.get_peft_model(copy.deepcopy(base), PROMPT_CASES[case](task)), inputs)
+    theirs.save_pretrained(tmp_path / "theirs")
+
+    ours = copy.deepcopy(base)
+    assert fxadapt.load_adapter(ours, tmp_path / "theirs") == "default"
+    assert _diff(ours, base, inputs) > 1e-4 if case != "prompt_tuning" else True
+    assert _diff(ours, theirs, inputs) <= 1e-5
+
+    with torch.no_grad():
+        for p in fxadapt.adapter_parameters(ours, "default").values():
+            p.add_(torch.randn(p.shape) * 0.05)
+    fxadapt.save_adapter(ours, tmp_path / "ours", "default", format="peft")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert _diff(ours, back, inputs) <= 1e-5

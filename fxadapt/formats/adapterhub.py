@@ -131,16 +131,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora": {"architecture": "lora"}, "ia3": _IA3, "vera": {"architecture": "lora", "vera_d": 0.1, "vera_b": 0.0},
     "dora": {"architecture": "lora", "use_dora": True},
     "dvora": {"architecture": "lora", "use_dora": True, "vera_d": 0.1, "vera_b": 0.0},
-    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning"},
+    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning", "flat": True},
     "prompt_tuning": {"architecture": "prompt_tuning"}, "mtl_lora": {"architecture": "mtl_lora"},
     "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft", "orthogonality": False},
     "direft": {"architecture": "reft", "orthogonality": False, "subtract_projection": False},
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
-    "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
-    "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
-    "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
 }
 # architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
 # fxadapt method -> writer; filled at the end of this module
@@ -178,7 +175,7 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{source}: {UNSUPPORTED_ARCHITECTURES[architecture]} is not supported by fxadapt"
         )
-    if architecture == "lora":
+    if architecture in ("lora", "mtl_lora"):
         return dict(raw)
     if architecture not in (None, "bottleneck"):
         raise CheckpointError(f"{source}: unknown AdapterHub architecture {architecture!r}")
@@ -196,8 +193,13 @@ def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     old = isinstance(version, str) and version.startswith("adapters.")
     if old and tuple(int(x) for x in re.findall(r"\d+", version)[:3]) < (1, 1, 0):
         data["alpha"] = data.get("r", 8)
+    target = LoRAConfig
+    if data.get("architecture") == "mtl_lora":
+        from ..methods.mtl_lora import MTLLoRAConfig
+
+        target = MTLLoRAConfig
     try:
-        return LoRAConfig.from_adapterhub(data)
+        return target.from_adapterhub(data)
     except ConfigError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
@@ -350,7 +352,7 @@ def read_adapter(
         tensors[key] = value
     if data.get("architecture") in OTHER_ARCHITECTURES:
         config, weights = OTHER_ARCHITECTURES[data["architecture"]][0](model, data, tensors, saved, source)
-    elif data.get("architecture") == "lora":
+    elif data.get("architecture") in ("lora", "mtl_lora"):
         config = lora_config(data, meta.get("version"), source)
         reports = site_reports(model, example_inputs)
         weights, sites, used = _lora_weights(model, tensors, saved, reports, config, source)
@@ -536,7 +538,7 @@ def write_adapter(
         data, tensors = write_bottleneck(model, record, params, name)
     elif config.method in WRITERS:
         data, tensors = WRITERS[config.method](model, record, params, name)
-    elif config.method in ("lora", "ia3"):
+    elif config.method in ("lora", "ia3", "mtl_lora"):
         outside = sorted({k for i, ks in record.placements.items() for k in ks if (i, k) not in record.sites})
         if outside:
             raise CheckpointError(
@@ -544,6 +546,13 @@ def write_adapter(
                 f"{outside}; write it with format='peft'"
             )
         data = _lora_dict(config, model_type, {k for _, k in record.sites})
+        if config.method == "mtl_lora":
+            data.update(
+                architecture="mtl_lora",
+                n_up_projection=config.n_up_projection,
+                task_specific_matrix_type=config.task_specific_matrix_type,
+                weights_sharpness=config.weights_sharpness,
+            )
         tensors = _lora_tensors(model, record, params, name, layers, config, data["attn_matrices"])
     else:
         raise CheckpointError(f"AdapterHub format: cannot write {config.method} adapters")
@@ -595,9 +604,12 @@ def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[st
     for (index, path), sites in by_module.items():
         parts: dict[str, list[torch.Tensor]] = {}
         for site, present in sorted(sites, key=lambda s: s[0].out_slice or (0, 0)):
-            if site.out_slice is not None and (config.use_dora or config.is_vera):
+            if site.out_slice is not None and (
+                config.use_dora or config.is_vera or config.method == "mtl_lora"
+            ):
                 raise CheckpointError(
-                    f"AdapterHub's fused-projection LoRA (LoRAMergedLinear, {path!r}) has no DoRA or VeRA forward; "
+                    f"AdapterHub's fused-projection LoRA (LoRAMergedLinear, {path!r}) has no DoRA, VeRA or MTL-LoRA "
+                    "forward; "
                     f"adapter {name!r} at the slice site {site.kind!r} cannot be written for it"
                 )
             if present:
@@ -783,5 +795,36 @@ def _write_reft(model: nn.Module, record: Any, params: dict, name: str) -> tuple
 
 OTHER_ARCHITECTURES["reft"] = (_read_reft,)
 WRITERS["reft"] = _write_reft
+
+
+def _read_prefix(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_prompts import prefix_config, prefix_weights
+
+    config = prefix_config(data, source)
+    return config, prefix_weights(model, config, tensors, saved, source)
+
+
+def _write_prefix(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_prompts import prefix_dict, prefix_tensors
+
+    return prefix_dict(record.config), prefix_tensors(model, record, params, name)
+
+
+def _read_prompt(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_prompts import prompt_config, prompt_weights
+
+    return prompt_config(data, source), prompt_weights(model, tensors, saved, source)
+
+
+def _write_prompt(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_prompts import prompt_dict, prompt_tensors
+
+    return prompt_dict(record.config), prompt_tensors(model, record, params, name)
+
+
+OTHER_ARCHITECTURES["prefix_tuning"] = (_read_prefix,)
+OTHER_ARCHITECTURES["prompt_tuning"] = (_read_prompt,)
+WRITERS["prefix_tuning"] = _write_prefix
+WRITERS["prompt_tuning"] = _write_prompt
 OTHER_ARCHITECTURES["union"] = (adapterhub_union.read_union,)
 WRITERS["union"] = adapterhub_union.write_union

@@ -87,6 +87,10 @@ def noop_tensors(
     if config.is_vera:
         out["vera_D"] = torch.zeros(config.r, config.r)
         out["vera_B"] = torch.zeros(rows, rows)
+    elif config.method == "mtl_lora":
+        n = config.n_up_projection
+        out.update(lora_A=torch.zeros(config.r, in_features), lora_B=torch.zeros(n, rows, config.r))
+        out.update({"task_specific.values": torch.ones(config.r), "weights": torch.ones(n)})
     else:
         out["lora_A"] = torch.zeros(config.r, in_features)
         out["lora_B"] = torch.zeros(rows, config.r)

@@ -28,6 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..methods.lora_outside import MODEL_PREFIX
 from ..sites import is_linear_like
 from . import LayerPaths, Translated, listed, ordered, read_json, read_tensors, site_reports
+from .peft_prompts import KINDS as PROMPT_KINDS
 
 __all__ = ["read_adapter", "write_adapter"]
 
@@ -105,10 +106,12 @@ def read_adapter(
     source = f"PEFT adapter {str(folder)!r}"
     meta = read_json(folder / CONFIG_NAME)
     peft_type = str(meta.get("peft_type", "")).upper()
+    if peft_type in PROMPT_KINDS:
+        return _read_prompt_learning(model, folder, meta, name, load_head, example_inputs, source)
     if peft_type not in _PARAM:
         raise CheckpointError(
             f"{source}: PEFT method peft_type={meta.get('peft_type')!r} is not supported by fxadapt; it reads "
-            f"{sorted(_PARAM)}"
+            f"{[*sorted(_PARAM), *PROMPT_KINDS]}"
         )
     if peft_type in (
         "LORA",
@@ -196,6 +199,32 @@ def read_adapter(
     return Translated(name or "default", config, weights, head, source)
 
 
+def _read_prompt_learning(model, folder, meta, name, load_head, example_inputs, source) -> Translated:
+    """PEFT prompt / prefix tuning (``peft_prompts.py``); ``modules_to_save`` heads as for LoRA."""
+    from ..api import head_parameters
+    from .peft_prompts import prefix_weights, read_prompt_learning
+
+    tensors = read_tensors(folder, WEIGHTS_NAME, PICKLE_NAME)
+    ours = {k: v for k, v in tensors.items() if k == "prompt_embeddings"}
+    head = {
+        re.sub(r"\.modules_to_save\.[^.]+\.", ".", k[len(PREFIX) :] if k.startswith(PREFIX) else k): v
+        for k, v in tensors.items()
+        if k != "prompt_embeddings"
+    }
+    config, weights = read_prompt_learning(meta, ours, source)
+    if "prefix" in weights:
+        weights = prefix_weights(model, weights["prefix"], source, example_inputs)
+    if not load_head or not head_parameters(model):
+        if head and load_head:
+            logger.warning(
+                "%s has no prediction head; loading %s without its modules_to_save",
+                type(model).__name__,
+                source,
+            )
+        head = {}
+    return Translated(name or "default", config, weights, head, source)
+
+
 def _scales_input(model: nn.Module, name: str, key: tuple[int, str]) -> bool:
     """Whether adapter ``name``'s module at ``(layer, kind)`` scales the projection's input (feed-forward (IA)^3)."""
     from ..model import CONTAINER, layers_of
@@ -242,8 +271,12 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
     adapter_parameters(model, name)  # raises for an unknown adapter
     record = get_state(model).record(name)
     config = record.config
+    if config.method in ("prompt_tuning", "prefix_tuning"):
+        return _write_prompt_learning(model, folder, name, record, with_head)
     if config.method not in ("lora", "ia3"):
-        raise CheckpointError(f"PEFT format: fxadapt writes LoRA and (IA)^3 adapters, not {config.method!r}")
+        raise CheckpointError(
+            f"PEFT format: fxadapt writes LoRA, DoRA, VeRA, (IA)^3, prompt and prefix tuning, not {config.method!r}"
+        )
     if (config.use_dora or config.is_vera) and config.variant != "peft":
         which = "DoRA" if config.use_dora else "VeRA"
         raise CheckpointError(
@@ -348,6 +381,33 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
         }
     import json
 
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
+        str(folder / WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _write_prompt_learning(model: nn.Module, folder: Path, name: str, record: Any, with_head: bool) -> Path:
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..api import head_parameters
+    from . import module_parameters
+    from .peft_prompts import write_prompt_learning
+
+    meta, tensors = write_prompt_learning(model, record, module_parameters(model, name), name)
+    head = head_parameters(model) if with_head else {}
+    if with_head and not head:
+        raise CheckpointError(
+            f"with_head=True, but {type(model).__name__} has no prediction head outside its base model"
+        )
+    meta["modules_to_save"] = sorted({k.split(".")[0] for k in head}) or None
+    tensors.update({PREFIX + k: p for k, p in head.items()})
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},

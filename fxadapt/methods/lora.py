@@ -739,10 +739,14 @@ class _LoRAComposer(Composer[_LoRAState]):
         else:
             if state.hidden is not None:
                 lora = self.e.root.get_submodule(ref.target)
-                if lora.lora_A.shape[1] != lora.lora_B.shape[0]:
+                n_in = (
+                    getattr(lora, "in_features", None) or lora.lora_A.shape[1]
+                )  # VeRA, MTL-LoRA: attributes
+                n_out = getattr(lora, "out_features", None) or lora.lora_B.shape[0]
+                if n_in != n_out:
                     raise CompositionError(
-                        f"Stack of LoRA adapters at {self.site.kind!r} ({lora.lora_A.shape[1]} -> "
-                        f"{lora.lora_B.shape[0]} features): a stacked LoRA reads the previous one's update, which "
+                        f"Stack of LoRA adapters at {self.site.kind!r} ({n_in} -> "
+                        f"{n_out} features): a stacked LoRA reads the previous one's update, which "
                         "needs a square projection (attn.q/k/v/o); stack them at square projections only"
                     )
             source = state.input if state.hidden is None else state.hidden

@@ -47,6 +47,9 @@ class PrefixTuningConfig(AdapterConfig):
             ``g = mean over positions of sigmoid(gate(h))``, ``h`` the attention's input (the input of its first
             projection), ``gate: Linear(hidden, 1)`` (``2``: separate key and value gates, ``shared_gating=False``).
         shared_gating: one gate for keys and values.
+        shift_positions: the real tokens' positions start after the prefix (``prefix_length``), as in PEFT, whose
+            prefixes are a pre-filled KV cache: ``position_ids`` are offset by a model pre-hook (the model must take
+            ``position_ids``). Default False (AdapterHub: positions unchanged).
     """
 
     method = "prefix_tuning"
@@ -61,6 +64,7 @@ class PrefixTuningConfig(AdapterConfig):
     leave_out: tuple[int, ...] = ()
     use_gating: bool = False
     shared_gating: bool = True
+    shift_positions: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -74,7 +78,14 @@ class PrefixTuningConfig(AdapterConfig):
                 fail(field, "an int > 0")
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in activation_names():
             fail("non_linearity", f"one of {activation_names()}")
-        for field in ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shared_gating"):
+        for field in (
+            "flat",
+            "encoder_prefix",
+            "cross_prefix",
+            "use_gating",
+            "shared_gating",
+            "shift_positions",
+        ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "True or False")
         if (
@@ -198,6 +209,40 @@ def extend_mask(
     return F.pad(mask, (prefix, 0), value=0.0)
 
 
+def _shift_positions(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Model pre-hook of ``shift_positions=True`` prefixes: ``position_ids`` count the active prefixes first."""
+    from ..model import get_state
+
+    state = get_state(model)
+    if state is None or state.active is None:
+        return None
+    shift = sum(
+        r.config.prefix_length
+        for n in state.active.names()
+        if (r := state.adapters.get(n)) is not None
+        and isinstance(r.config, PrefixTuningConfig)
+        and r.config.shift_positions
+        and not r.merged
+    )
+    if not shift:
+        return None
+    positions = kwargs.get("position_ids")
+    if isinstance(positions, torch.Tensor):
+        kwargs["position_ids"] = positions + shift
+        return args, kwargs
+    tokens = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    start = shift + past
+    kwargs["position_ids"] = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(
+        tokens.shape[0], -1
+    )
+    return args, kwargs
+
+
 def pad_keys(bias: torch.Tensor | None, prefix: int) -> torch.Tensor | None:
     """Zero columns in front of a per-key bias ``[..., keys]`` (T5's relative position bias)."""
     return None if bias is None else F.pad(bias, (prefix, 0), value=0.0)
@@ -239,6 +284,26 @@ class PrefixTuningMethod(Method):
                     )  # AdapterHub; the bias keeps torch's init
                 out[(index, kind)] = PrefixSite(pool, position, owner=position == 0, gate=gate)
         return out
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        if not config.shift_positions:
+            return {}
+        import inspect
+
+        try:
+            takes = "position_ids" in inspect.signature(context.model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            takes = False
+        if not takes:
+            raise ConfigError(
+                f"PrefixTuningConfig(shift_positions=True) offsets position_ids, which "
+                f"{type(context.model).__name__}.forward does not take"
+            )
+        return {
+            "shift_positions": lambda model: model.register_forward_pre_hook(
+                _shift_positions, with_kwargs=True
+            )
+        }
 
     def eject(self, config, modules):  # type: ignore[override]
         if config.flat:
@@ -314,6 +379,14 @@ def _attention_input_width(layer: nn.Module, scope: str) -> int:
             "the gate could read"
         )
     return projection_features(projections[0][1])[0]
+
+
+def attention_module_path(layer: nn.Module, scope: str) -> str:
+    """Path (in the layer) of the module that owns an attention call's projections: the parent of its first
+    projection (BERT's ``attention.self``, GPT-2's ``attn``), where AdapterHub keeps its prefix gates."""
+    projections = _attention_projections(layer.get_submodule(scope) if scope else layer)
+    inner = projections[0][0].rpartition(".")[0] if projections else ""
+    return ".".join(p for p in (scope, inner) if p)
 
 
 def _attention_input(e: Any, site: Any) -> fx.Node:

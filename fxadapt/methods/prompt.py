@@ -28,6 +28,7 @@ from .base import AdapterConfig, Method, register_method, register_preset
 __all__ = ["PromptTuningConfig"]
 
 _COMBINES = ("prefix", "prefix_after_bos")
+_PLACEMENTS = ("input", "embeddings_output")
 _INSERT: ContextVar[bool] = ContextVar("fxadapt_prompt_insert", default=True)
 
 
@@ -42,6 +43,10 @@ class PromptTuningConfig(AdapterConfig):
         prompt_init_ids: token ids for ``"from_string"`` (tokenize your text with the model's tokenizer).
         random_uniform_scale: the scale of the uniform init.
         combine: ``"prefix"`` or ``"prefix_after_bos"``.
+        placement: ``"input"`` (default: in front of the word embeddings where the model takes ``inputs_embeds``,
+            so the prompt gets positions, as PEFT does) or ``"embeddings_output"`` (AdapterHub's: into the output of
+            the ``embed`` site, e.g. after BERT's position embeddings and LayerNorm; positions and token types are
+            the real tokens' own). AdapterHub checkpoints load with the latter.
     """
 
     method = "prompt_tuning"
@@ -51,6 +56,7 @@ class PromptTuningConfig(AdapterConfig):
     prompt_init_ids: tuple[int, ...] = ()
     random_uniform_scale: float = 0.5
     combine: str = "prefix"
+    placement: str = "input"
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -73,12 +79,15 @@ class PromptTuningConfig(AdapterConfig):
             fail("combine", f"one of {list(_COMBINES)}")
         if not isinstance(self.random_uniform_scale, (int, float)) or self.random_uniform_scale <= 0:
             fail("random_uniform_scale", "a number > 0")
+        if self.placement not in _PLACEMENTS:
+            fail("placement", f"one of {list(_PLACEMENTS)}")
 
 
 class SoftPrompt(nn.Module):
     def __init__(self, config: PromptTuningConfig, hidden_size: int, embedding: nn.Module | None):
         super().__init__()
         self.combine = config.combine
+        self.placement = config.placement
         self.prompt = nn.Parameter(torch.empty(config.prompt_length, hidden_size))
         with torch.no_grad():
             if config.prompt_init == "from_string" and isinstance(embedding, nn.Embedding):
@@ -117,12 +126,22 @@ def _model_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     insert = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
     n = sum(p.prompt.shape[0] for p in prompts)
     combine = prompts[0].combine
+    placements = {p.placement for p in prompts}
+    if len(placements) > 1:
+        raise ConfigError(
+            f"the active prompt-tuning adapters mix placements {sorted(placements)}; activate prompts of one placement"
+        )
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs["attention_mask"] = _extend(mask, n, 1, combine)
     labels = kwargs.get("labels")
     if insert and isinstance(labels, torch.Tensor) and labels.dim() == 2:
         kwargs["labels"] = _extend(labels, n, -100, combine)
+    if placements == {
+        "embeddings_output"
+    }:  # AdapterHub's: the embed hook inserts it; positions stay the tokens'
+        model.__dict__["_fxadapt_prompt_token"] = _INSERT.set(insert)
+        return args, kwargs
     types = kwargs.get("token_type_ids")
     if insert and isinstance(types, torch.Tensor) and types.dim() == 2:
         kwargs["token_type_ids"] = _extend(types, n, 0, combine)
@@ -169,10 +188,41 @@ def _embed_hook(root: nn.Module, module: nn.Module, args: tuple, output: Any) ->
     return output
 
 
+def _pad_mask(mask: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """A layer's 4-D attention mask built for ``length - n`` tokens, for ``length`` (the prompt in front): key
+    columns and query rows that attend everything (``True`` / additive ``0``), as AdapterHub pads the mask of its
+    SDPA attention (``prefix_attention_mask(mask, [2, 3])``: the prompt's queries see padding keys too)."""
+    short = length - n
+    attend = True if mask.dtype == torch.bool else 0.0
+    if mask.shape[-1] == short:
+        mask = torch.nn.functional.pad(mask, (n, 0), value=attend)
+    if mask.shape[-2] == short and short > 0:
+        mask = torch.nn.functional.pad(mask, (0, 0, n, 0), value=attend)
+    return mask
+
+
+def _layer_mask_hook(root: nn.Module, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``placement="embeddings_output"``: where the model built the layers' mask for the unprompted length
+    (transformers 4.x BERT builds it from ``input_ids``), extend it to the prompted hidden states (AdapterHub
+    extends the mask in each layer too)."""
+    prompts = [p for p in _active_prompts(root) if p.placement == "embeddings_output"]
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not prompts or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        return None
+    n, length = sum(p.prompt.shape[0] for p in prompts), hidden.shape[1]
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and length - n in value.shape[-2:]:
+            return _pad_mask(value, n, length)
+        return value
+
+    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
+
+
 class _PromptHooks:
     """The model's and the embedding module's hooks, removed together."""
 
-    def __init__(self, model: nn.Module, embed: nn.Module):
+    def __init__(self, model: nn.Module, embed: nn.Module, layers: list[nn.Module]):
         import functools
         import inspect
 
@@ -191,6 +241,10 @@ class _PromptHooks:
             model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
             model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True),
             embed.register_forward_hook(functools.partial(_embed_hook, model)),
+            *(
+                layer.register_forward_pre_hook(functools.partial(_layer_mask_hook, model), with_kwargs=True)
+                for layer in layers
+            ),
         )
 
     def remove(self) -> None:
@@ -213,7 +267,7 @@ class PromptTuningMethod(Method):
 
     def model_hooks(self, config, context):  # type: ignore[override]
         _, embed = context.embed()
-        return {"prompt": lambda model: _PromptHooks(model, embed)}
+        return {"prompt": lambda model: _PromptHooks(model, embed, context.layers)}
 
 
 register_preset("prompt_tuning", lambda: PromptTuningConfig())

@@ -1,4 +1,4 @@
-"""DoRA, VeRA and DoRA+VeRA ("dvora") side by side with AdapterHub ``adapters`` 1.3.0 (.venv-peer).
+"""DoRA, VeRA, DoRA+VeRA ("dvora") and MTL-LoRA side by side with AdapterHub ``adapters`` 1.3.0 (.venv-peer).
 
 Trained a few steps in ``adapters`` (high learning rate), saved, loaded with ``fxadapt.load_adapter``: equal outputs;
 then perturbed in fxadapt, written with ``format="adapterhub"`` and loaded by ``adapters``: equal outputs. BERT with a
@@ -36,21 +36,25 @@ def _out(model, inputs):
         return main_output(model(**inputs))
 
 
-@pytest.mark.parametrize("preset", ["dora", "vera", "dvora"])
+@pytest.mark.parametrize("preset", ["dora", "vera", "dvora", "mtl_lora", "mtl_lora_3"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_lora_family_both_ways(arch, preset, tmp_path):
     base = _base(arch)
     inputs = make_inputs(arch)
     theirs = copy.deepcopy(base)
     adapters.init(theirs)
-    theirs.add_adapter("a", config=preset)
+    config = adapters.MTLLoRAConfig(n_up_projection=3, r=4) if preset == "mtl_lora_3" else preset
+    theirs.add_adapter("a", config=config)
     train_adapterhub(theirs, inputs, "a", out=main_output)
     theirs.save_adapter(str(tmp_path / "theirs"), "a")
 
     ours = copy.deepcopy(base)
     assert fxadapt.load_adapter(ours, tmp_path / "theirs") == "a"
     config = fxadapt.list_adapters(ours)["a"]
-    assert config.use_dora == (preset != "vera") and config.is_vera == (preset != "dora")
+    if preset.startswith("mtl_lora"):
+        assert config.method == "mtl_lora" and config.n_up_projection == (3 if preset == "mtl_lora_3" else 1)
+    else:
+        assert config.use_dora == (preset != "vera") and config.is_vera == (preset != "dora")
     assert max_abs(_out(ours, inputs), _out(base, inputs)) > 1e-4  # the adapter does something
     assert max_abs(_out(ours, inputs), _out(theirs, inputs)) <= 1e-5
 

@@ -7,9 +7,9 @@ compare with (:func:`test_adapterhub_decoder_prefixes_are_inert_with_a_padding_m
 mask it masks its own prefixes out; without one, SDPA's top-left ``is_causal`` hides each token from itself).
 
 Their weights are trained a few steps in ``adapters`` and copied into fxadapt's union by a hand-written map of
-AdapterHub's parameter names (fxadapt cannot read AdapterHub's prefix-tuning weights from a checkpoint yet); then
-trained in fxadapt and copied back into a fresh ``adapters`` model: equal outputs both ways. A union without prefix
-tuning (gated LoRA + gated ``seq_bn``) also goes both ways through the checkpoint formats.
+AdapterHub's parameter names, then trained in fxadapt and copied back into a fresh ``adapters`` model: equal
+outputs both ways (the math, independent of the checkpoint code). The same unions also go both ways through the
+checkpoint formats (``save_adapter`` / ``load_adapter`` of each library).
 """
 
 from __future__ import annotations
@@ -162,14 +162,18 @@ def test_union_both_directions(arch, union):
     assert (got - expected).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_union_without_prefix_through_the_formats(arch, tmp_path):
+@pytest.mark.parametrize(
+    "arch, union", [("bert", "mam"), ("bert", "unipelt"), ("bert", "lora+seq_bn"), ("gpt2", "lora+seq_bn")]
+)
+def test_union_through_the_formats(arch, union, tmp_path):
     inputs = make_inputs(arch)
     ours, theirs = _models(arch)
     fresh = copy.deepcopy(theirs)
-    config = adapters.ConfigUnion(
-        adapters.LoRAConfig(r=4, alpha=4, use_gating=True), adapters.SeqBnConfig(use_gating=True)
-    )
+    config = union
+    if union == "lora+seq_bn":  # no prefix tuning: also on a decoder
+        config = adapters.ConfigUnion(
+            adapters.LoRAConfig(r=4, alpha=4, use_gating=True), adapters.SeqBnConfig(use_gating=True)
+        )
     theirs.add_adapter(NAME, config=config)
     theirs.set_active_adapters(NAME)
     _train(theirs, inputs, [p for n, p in theirs.named_parameters() if f".{NAME}." in n])
