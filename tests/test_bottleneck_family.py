@@ -149,3 +149,68 @@ def test_union_equals_its_members_side_by_side(arch, union, tmp_path):
     fxadapt.load_adapter(model, tmp_path / "u")
     with torch.no_grad():
         assert torch.equal(_out(model, inputs), got)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_composition_of_the_new_options(arch):
+    """Parallel, BatchSplit and PerRow route rows to each adapter exactly as that adapter alone; Fuse, Split and
+    Average compose Compacter and gated adapters (AdapterHub's bottleneck blocks, all of them)."""
+    base = make_model(arch)
+    inputs = make_inputs(arch, batch=2)
+    model = copy.deepcopy(base)
+    names = {"c": CONFIGS["compacter_pp"](), "g": CONFIGS["gated"](), "p": CONFIGS["adapterplus"]()}
+    fxadapt.inject(model, names, activate=False)
+    for n in names:
+        _randomise(model, n, seed=len(n) + ord(n))
+    with torch.no_grad():
+        alone = {}
+        for n in names:
+            fxadapt.activate(model, n)
+            alone[n] = _out(model, inputs)
+        fxadapt.activate(model, fxadapt.Parallel("c", "g"))
+        par = _out(model, inputs)
+        assert torch.allclose(par[:2], alone["c"], atol=TOL) and torch.allclose(par[2:], alone["g"], atol=TOL)
+        # (AdapterHub's BatchSplit and PerRow apply one structure to all rows: adapters of one structure here)
+        fxadapt.activate(model, fxadapt.BatchSplit("g", "c", batch_sizes=[1, 1]))
+        split = _out(model, inputs)
+        assert torch.allclose(split[:1], alone["g"][:1], atol=TOL)
+        assert torch.allclose(split[1:], alone["c"][1:], atol=TOL)
+        fxadapt.activate(model, fxadapt.PerRow("c", "g"))
+        with fxadapt.adapter_ids(model, torch.tensor([1, 0])):
+            rows = _out(model, inputs)
+        assert torch.allclose(rows[0], alone["g"][0], atol=TOL) and torch.allclose(
+            rows[1], alone["c"][1], atol=TOL
+        )
+        fuse = fxadapt.add_fusion(model, ["c", "g"])
+        seq = inputs["input_ids"].shape[1]
+        for setup in (fuse, fxadapt.Average("c", "g", "p"), fxadapt.Split("c", "g", splits=[3, seq - 3])):
+            fxadapt.activate(model, setup)
+            out = _out(model, inputs)
+            assert torch.isfinite(out).all() and not torch.allclose(out, alone["c"], atol=1e-4), setup
+
+
+def test_what_stays_unsupported_is_named():
+    with pytest.raises(
+        fxadapt.ConfigError, match=r"inv_adapter='glow' is not supported: AdapterHub 1.3.0's GLOW"
+    ):
+        fxadapt.BottleneckConfig(inv_adapter="glow", inv_adapter_reduction_factor=2)
+    with pytest.raises(
+        fxadapt.ConfigError, match=r"phm_layer=True, init_weights='houlsby'\) is not supported"
+    ):
+        fxadapt.BottleneckConfig(phm_layer=True, init_weights="houlsby")
+    with pytest.raises(fxadapt.ConfigError, match=r"both bottleneck adapters at the same places"):
+        fxadapt.ConfigUnion(configs=(preset("seq_bn"), preset("par_bn")))
+    with pytest.raises(fxadapt.ConfigError, match=r"cannot be unions themselves"):
+        fxadapt.ConfigUnion(configs=(preset("mam"),))
+    model = make_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxadapt.ConfigError, match=r"width 1 .* must both be multiples of phm_dim"):
+        fxadapt.inject(model, {"c": "compacter"})  # hidden 32 / 32 = 1
+    assert fxadapt.list_adapters(model) == {} and set(model.state_dict()) == set(before)
+    fxadapt.inject(model, {"u": "mam", "b": "seq_bn"}, activate=False)
+    with pytest.raises(fxadapt.CompositionError, match=r"prefix_tuning adapters support only Stack"):
+        fxadapt.activate(model, fxadapt.Parallel("u", "b"))
+    with pytest.raises(
+        fxadapt.NotMergeableError, match=r"'u' \(union\) cannot be merged .*its prefix_tuning member"
+    ):
+        fxadapt.merge(model, "u")
