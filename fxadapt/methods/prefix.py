@@ -252,6 +252,13 @@ def pad_keys(bias: torch.Tensor | None, prefix: int) -> torch.Tensor | None:
 class PrefixTuningMethod(Method):
     name = "prefix_tuning"
     config_class = PrefixTuningConfig
+    formats = ("fxadapt", "adapterhub", "peft")
+
+    def supported_formats(self, config: AdapterConfig) -> tuple[str, ...]:
+        # PEFT's prefixes are a pre-filled KV cache (positions shifted); AdapterHub has no gate-free form of gates
+        return tuple(
+            f for f in self.formats if f != "peft" or (config.shift_positions and not config.use_gating)
+        )
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, PrefixTuningConfig)
