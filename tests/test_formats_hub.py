@@ -217,7 +217,10 @@ def _edit(folder, **changes):
             r"unknown prefix-tuning setting\(s\) \['adapter_residual_before_ln'",
         ),
         ({"config": {"architecture": "union", "configs": []}}, r"ConfigUnion"),
-        ({"config": {"architecture": "lora", "use_gating": True, "use_dora": True}}, r"use_gating=True.*DoRA"),
+        (
+            {"config": {"architecture": "lora", "use_gating": True, "use_dora": True}},
+            r"use_gating=True.*DoRA",
+        ),
         ({"config": "seq_bm"}, r"unknown AdapterHub config name 'seq_bm'.*did you mean 'seq_bn'"),
         ({"model_type": "roberta"}, r"saved for a 'bert' model|saved for a 'roberta' model"),
         ({"hidden_size": 64}, r"hidden_size=64, but BertModel has hidden_size=32"),
