@@ -69,7 +69,7 @@ class ModelContext:
     def embed(self) -> tuple[str, nn.Module]:
         """``(path, module)`` of the ``embed`` site: the outermost module whose output is the first layer's input."""
         if self._embed is None:
-            self._embed = find_embed_module(self.model, self.layers[0], self.example_inputs)
+            self._embed = find_embed_module(self.model, self.layers[0], self.example_inputs, self.layers)
         return self._embed
 
     def input_embeddings(self) -> nn.Module | None:
@@ -96,14 +96,20 @@ class ModelContext:
         return {}
 
 
-def find_embed_module(model: nn.Module, first_layer: nn.Module, example_inputs: Any) -> tuple[str, nn.Module]:
-    """The module whose output tensor is the first layer's hidden-state input (found with one forward)."""
+def find_embed_module(
+    model: nn.Module, first_layer: nn.Module, example_inputs: Any, layers: list[nn.Module] | None = None
+) -> tuple[str, nn.Module]:
+    """The module whose output tensor is the first layer's hidden-state input (found with one forward).
+
+    Only modules outside the repeating ``layers`` are hooked (hooks inside a layer would change its guard key and
+    make an installed layer trace this call)."""
     from .model import _call, default_example_inputs
 
+    inside = {id(m) for layer in (layers or [first_layer]) for m in layer.modules()}
     outputs: list[tuple[str, nn.Module, torch.Tensor]] = []  # the tensors are kept alive: ids are not reused
     handles = []
     for name, module in model.named_modules():
-        if module is model or module is first_layer:
+        if module is model or id(module) in inside:
             continue
 
         def hook(m, a, out, name=name):
@@ -227,9 +233,9 @@ def _class_name(layer: nn.Module) -> str:
 
 def attach_hooks(model: nn.Module, name: str, config: AdapterConfig, context: ModelContext) -> None:
     """Install the hooks adapter ``name``'s members ask for (each ``(method, key)`` once per model)."""
-    registry = model.__dict__.setdefault(_HOOKS, {})
     for method, member in components(config):
         for key, install in method.model_hooks(member, context).items():
+            registry = model.__dict__.setdefault(_HOOKS, {})
             entry = registry.get((method.name, key))
             if entry is None:
                 entry = registry[(method.name, key)] = [install(model), set()]

@@ -212,15 +212,18 @@ def _edit(folder, **changes):
         ({"config": {"phm_layer": True}}, r"Compacter adapter with shared PHM weights.*lacks them"),
         ({"config": {"use_gating": True, "stochastic_depth": 0.1}}, r"missing \['layer 0 ffn.out gate.bias'"),
         ({"config": {"inv_adapter": "glow", "inv_adapter_reduction_factor": 2}}, r"inv_adapter='glow'.*GLOW"),
-        (
+        (  # a bottleneck config relabelled as prefix tuning
             {"config": {"architecture": "prefix_tuning", "use_gating": True}},
-            r"gated prefix tuning \(use_gating=True",
+            r"unknown prefix-tuning setting\(s\) \['adapter_residual_before_ln'",
         ),
         ({"config": {"architecture": "union", "configs": []}}, r"ConfigUnion"),
         (
             {"config": {"architecture": "lora", "use_dora": True}},
             r"keys that map to no site",
         ),  # bottleneck keys
+            {"config": {"architecture": "lora", "use_gating": True, "use_dora": True}},
+            r"use_gating=True.*DoRA",
+        ),
         ({"config": "seq_bm"}, r"unknown AdapterHub config name 'seq_bm'.*did you mean 'seq_bn'"),
         ({"model_type": "roberta"}, r"saved for a 'bert' model|saved for a 'roberta' model"),
         ({"hidden_size": 64}, r"hidden_size=64, but BertModel has hidden_size=32"),

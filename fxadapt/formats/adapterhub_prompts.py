@@ -9,7 +9,8 @@ prefix_tunings...``: the same tensors, skipped here). A location's module covers
 first layer of the group (``pool.<param>``). Locations: names starting with ``encoder`` are the encoder's
 self-attention of an encoder-decoder model, ``cross`` its cross-attention, any other the (decoder's) self-attention;
 written as ``encoder_prefix`` / ``cross_prefix`` / ``self_prefix`` (DistilBERT: ``self``, one row in
-:data:`SELF_LOCATION`). Gated prefixes (``use_gating``, UniPELT) are refused.
+:data:`SELF_LOCATION`). Gated prefixes (``use_gating``, UniPELT): ``<attention module>.prefix_tuning.prefix_gates.<name>.<param>``,
+fxadapt's ``gate.<param>`` of that layer's prefix site.
 
 **Prompt tuning** (``"architecture": "prompt_tuning"``): ``[<base prefix>.]prompt_tuning.prompt_tunings.<name>.
 prompt_embedding.weight`` ``[prompt_length, hidden]``; AdapterHub inserts the prompt into the output of the
@@ -38,7 +39,7 @@ __all__ = [
 
 # model type -> AdapterHub's location name of (decoder) self-attention prefixes, where it is not "self_prefix"
 SELF_LOCATION = {"distilbert": "self"}
-_IGNORED = {"architecture", "init_weights_seed", "shared_gating"}
+_IGNORED = {"architecture", "init_weights_seed"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -48,13 +49,9 @@ _IGNORED = {"architecture", "init_weights_seed", "shared_gating"}
 def prefix_config(data: dict[str, Any], source: str) -> Any:
     from ..methods.prefix import PrefixTuningConfig
 
-    if data.get("use_gating"):
-        raise CheckpointError(
-            f"{source}: gated prefix tuning (use_gating=True, as in UniPELT) is not supported"
-        )
     fields = ("prefix_length", "bottleneck_size", "non_linearity", "flat", "dropout", "encoder_prefix",
-              "cross_prefix", "leave_out")  # fmt: skip
-    unknown = sorted(set(data) - set(fields) - _IGNORED - {"use_gating"})
+              "cross_prefix", "leave_out", "use_gating", "shared_gating")  # fmt: skip
+    unknown = sorted(set(data) - set(fields) - _IGNORED)
     if unknown:
         raise CheckpointError(f"{source}: unknown prefix-tuning setting(s) {unknown}")
     kwargs = {k: data[k] for k in fields if k in data}
@@ -102,9 +99,12 @@ def prefix_weights(
     marker = f"prefix_tuning.prefix_tunings.{name}."
     by_location: dict[str, dict[str, torch.Tensor]] = {}
     unmapped = []
+    gates = _gate_weights(model, tensors, name, example_inputs) if config.use_gating else {}
     for key, value in tensors.items():
         if f".prefix_tuning.pool.prefix_tunings.{name}." in "." + key:
             continue  # a layer's reference to the pool: the same tensors again
+        if key in gates:
+            continue
         at = key.find(marker)
         if at < 0 or (at > 0 and key[at - 1] != "."):
             unmapped.append(key)
@@ -128,10 +128,39 @@ def prefix_weights(
         weights.update({(index, kind, f"pool.{p}"): v for p, v in params.items()})
     if not weights:
         raise CheckpointError(f"{source}: holds no prefix-tuning weights for adapter {name!r}")
+    weights.update(gates.values())
     return weights
 
 
+def _gate_weights(model: Any, tensors: dict, name: str, example_inputs: Any = None) -> dict[str, tuple]:
+    """Gated prefixes (UniPELT): ``<attention module>.prefix_tuning.prefix_gates.<name>.<param>`` → ``{key:
+    ((layer, kind, "gate.<param>"), tensor)}``; the kind is that of the attention site whose module it is."""
+    from ..methods.prefix import attention_module_path
+
+    layers = LayerPaths(model)
+    reports = site_reports(model, example_inputs)
+    marker = f".prefix_tuning.prefix_gates.{name}."
+    out = {}
+    for key, value in tensors.items():
+        if marker not in "." + key:
+            continue
+        module, param = ("." + key).split(marker)
+        located = layers.locate(module[1:])
+        if located is None:
+            continue
+        index, inner = located
+        layer = model.get_submodule(layers.paths[index])
+        kind = next(
+            (s.kind for s in reports[index].attention if attention_module_path(layer, s.scope) == inner), None
+        )
+        if kind is not None:
+            out[key] = ((index, kind, f"gate.{param}"), value)
+    return out
+
+
 def prefix_tensors(model: Any, record: Any, params: dict, name: str) -> dict[str, torch.Tensor]:
+    from ..methods.prefix import attention_module_path
+
     layers = LayerPaths(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = {
@@ -143,6 +172,11 @@ def prefix_tensors(model: Any, record: Any, params: dict, name: str) -> dict[str
     base = f"{layers.prefix}.prefix_tuning" if layers.prefix else "prefix_tuning"
     out = {}
     for (index, kind, pname), p in params.items():
+        if pname.startswith("gate."):  # gated prefixes: one gate per attention module
+            layer = model.get_submodule(layers.paths[index])
+            owner = attention_module_path(layer, record.sites[(index, kind)].scope)
+            out[f"{layers.saved_path(index, owner)}.prefix_tuning.prefix_gates.{name}.{pname[5:]}"] = p
+            continue
         if not pname.startswith("pool."):
             continue  # only the owners hold the pool
         role = owners.get((index, kind))
@@ -165,8 +199,8 @@ def prefix_dict(config: Any) -> dict[str, Any]:
         "bottleneck_size": config.bottleneck_size,
         "non_linearity": config.non_linearity,
         "dropout": config.dropout,
-        "use_gating": False,
-        "shared_gating": True,
+        "use_gating": config.use_gating,
+        "shared_gating": config.shared_gating,
         "init_weights_seed": None,
     }
 

@@ -2,10 +2,10 @@
 several members, every member's weights under that name in its own key layout.
 
 Reading gives each member's keys to that member's reader (bottleneck: ``.adapters.<name>.``, the invertible block
-and shared PHM weights; LoRA: ``.loras.<name>.``) and builds an fxadapt :class:`~fxadapt.ConfigUnion`; writing
-splits the union adapter's weights by member (the record says which site belongs to which) and writes each with
-its method's writer. A member whose AdapterHub weights fxadapt cannot read or write yet (prefix tuning: MAM and
-UniPELT have one) is refused by name.
+and shared PHM weights; LoRA: ``.loras.<name>.``; prefix tuning: ``prefix_tuning.`` pools and gates; prompt
+tuning: ``prompt_tuning.``) and builds an fxadapt :class:`~fxadapt.ConfigUnion`; writing splits the union adapter's
+weights by member (the record says which site belongs to which) and writes each with its method's writer. A member
+whose AdapterHub weights fxadapt cannot read or write is refused by name.
 """
 
 from __future__ import annotations
@@ -22,12 +22,8 @@ from . import describe, listed, site_reports
 __all__ = ["read_union", "write_union"]
 
 # member architectures with a reader/writer here; the others are named in the refusal
-_PENDING = {
-    "prefix_tuning": "prefix tuning",
-    "prompt_tuning": "prompt tuning",
-    "mtl_lora": "multi-task LoRA",
-    "reft": "ReFT",
-}
+_PENDING = {"mtl_lora": "multi-task LoRA", "reft": "ReFT"}
+_PREFIX, _PROMPT = "prefix_tuning.", "prompt_tuning."
 
 
 def _members(data: dict, source: str) -> list[dict]:
@@ -41,7 +37,7 @@ def _members(data: dict, source: str) -> list[dict]:
                 f"{source}: its ConfigUnion member {_PENDING[arch]} cannot be read, because fxadapt has no reader "
                 f"for AdapterHub's {_PENDING[arch]} weights yet"
             )
-        if arch not in (None, "bottleneck", "lora"):
+        if arch not in (None, "bottleneck", "lora", "prefix_tuning", "prompt_tuning"):
             raise CheckpointError(f"{source}: unknown ConfigUnion member architecture {arch!r}")
     return members
 
@@ -56,8 +52,12 @@ def read_union(model: nn.Module, data: dict, tensors: dict, name: str, source: s
     reports = site_reports(model)
     configs: list[Any] = []
     weights: dict[tuple[int, str, str], torch.Tensor] = {}
+    from . import adapterhub_prompts as prompts
+
     lora_keys = {k: v for k, v in tensors.items() if f".loras.{name}." in f".{k}"}
-    rest = {k: v for k, v in tensors.items() if k not in lora_keys}
+    prefix_keys = {k: v for k, v in tensors.items() if f".{_PREFIX}" in f".{k}"}
+    prompt_keys = {k: v for k, v in tensors.items() if f".{_PROMPT}" in f".{k}"}
+    rest = {k: v for k, v in tensors.items() if k not in lora_keys | prefix_keys | prompt_keys}
     residual_keys, extra = bn.split_model_level(rest, name)
     residual_keys = {k: v for k, v in residual_keys.items() if f".adapters.{name}." in f".{k}"}
     leftover = sorted(set(rest) - set(residual_keys) - {k for k in rest if bn.is_model_level(k, name)})
@@ -67,7 +67,13 @@ def read_union(model: nn.Module, data: dict, tensors: dict, name: str, source: s
     for member in members:
         # union members come from adapters >= 1.0: no legacy activation renaming (a truthy version)
         full = ah.resolve_config(member, "adapters.union", source)
-        if member.get("architecture") == "lora":
+        if member.get("architecture") == "prefix_tuning":
+            config = prompts.prefix_config(full, source)
+            got = prompts.prefix_weights(model, config, prefix_keys, name, source)
+        elif member.get("architecture") == "prompt_tuning":
+            config = prompts.prompt_config(full, source)
+            got = prompts.prompt_weights(model, prompt_keys, name, source)
+        elif member.get("architecture") == "lora":
             config = ah.lora_config(full, "adapters.union", source)
             got, sites, used = ah._lora_weights(model, lora_keys, name, reports, config, source)
             config = config.replace(
@@ -105,6 +111,7 @@ def write_union(model: nn.Module, record: Any, params: dict, name: str) -> tuple
     """AdapterHub's union dict and tensors of an fxadapt union adapter."""
     from ..parts import components
     from . import adapterhub as ah
+    from . import adapterhub_prompts as prompts
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     dicts: list[dict] = []
@@ -121,6 +128,10 @@ def write_union(model: nn.Module, record: Any, params: dict, name: str) -> tuple
         sub_params = {k: p for k, p in params.items() if k[1] in mine}
         if member.method == "bottleneck":
             data, t = ah.write_bottleneck(model, sub, sub_params, name)
+        elif member.method == "prefix_tuning":
+            data, t = prompts.prefix_dict(member), prompts.prefix_tensors(model, sub, sub_params, name)
+        elif member.method == "prompt_tuning":
+            data, t = prompts.prompt_dict(member), prompts.prompt_tensors(model, sub, sub_params, name)
         elif member.method == "lora":
             outside = sorted({k for i, ks in sub.placements.items() for k in ks if (i, k) not in sub.sites})
             if outside:

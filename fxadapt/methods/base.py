@@ -35,6 +35,9 @@ capability                      what a verb gets from it
 :meth:`Method.components`       an adapter built from several methods under one name (AdapterHub's
                                 ``ConfigUnion``: MAM, UniPELT): its ``(method, config)`` parts. Every verb walks
                                 the components, so a union needs no case of its own anywhere
+:meth:`Method.supported_compositions`,  what ``docs/methods.md``'s table (``scripts/methods_table.py``) says a
+:meth:`Method.supported_formats`  config composes with and is saved in (class attributes ``compositions`` /
+                                ``formats`` by default; a union: what all its members have)
 ==============================  =================================================================================
 
 The model-level context a method gets when it builds parts or hooks is :class:`fxadapt.parts.ModelContext`
@@ -114,6 +117,10 @@ class Method:
     config_class: ClassVar[type[AdapterConfig]]
     #: shortcut for :meth:`why_not_mergeable`: a method whose every config folds into the base weights
     mergeable: ClassVar[bool] = False
+    #: composition blocks its sites compose (``compose.py`` names); documentation, checked by its tests
+    compositions: ClassVar[tuple[str, ...]] = ("Stack",)
+    #: checkpoint formats it is read from and written to (``"fxadapt"``, ``"adapterhub"``, ``"peft"``)
+    formats: ClassVar[tuple[str, ...]] = ("fxadapt",)
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         """Site kinds this config attaches to (in every layer that has them)."""
@@ -205,6 +212,14 @@ class Method:
     def components(self, config: AdapterConfig) -> tuple[tuple[Method, AdapterConfig], ...]:
         """The ``(method, config)`` pairs this adapter is built from: itself, or the members of a union."""
         return ((self, config),)
+
+    def supported_compositions(self, config: AdapterConfig) -> tuple[str, ...]:
+        """Composition blocks an adapter of this config takes part in (see :attr:`compositions`)."""
+        return self.compositions
+
+    def supported_formats(self, config: AdapterConfig) -> tuple[str, ...]:
+        """Checkpoint formats an adapter of this config is read from and written to (see :attr:`formats`)."""
+        return self.formats
 
     def compose_site(self, emitter: Emitter, site: Site, setup: Any, plan: SitePlan) -> None:
         """Emit the active setup's adapters at one site. The default supports a flat ``Stack`` (each adapter's

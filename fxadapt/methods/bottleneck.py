@@ -358,6 +358,8 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
 class BottleneckMethod(Method):
     name = "bottleneck"
     config_class = BottleneckConfig
+    compositions = ("Stack", "Fuse", "Split", "Parallel", "BatchSplit", "Average", "PerRow")
+    formats = ("fxadapt", "adapterhub")
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, BottleneckConfig)

@@ -549,6 +549,18 @@ class LoRAMethod(Method):
     name = "lora"
     config_class = LoRAConfig
     mergeable = True
+    compositions = ("Stack", "Parallel", "BatchSplit", "Average")
+    formats = ("fxadapt", "adapterhub", "peft")
+
+    def supported_formats(self, config: AdapterConfig) -> tuple[str, ...]:
+        out = list(self.formats)
+        form = getattr(config, "use_dora", False) or getattr(config, "is_vera", False)
+        variant = getattr(config, "variant", "adapterhub")
+        if (getattr(config, "use_gating", False) or (form and variant != "peft")) and "peft" in out:
+            out.remove("peft")  # PEFT has no gated LoRA; DoRA/VeRA follow one peer's formula
+        if form and variant != "adapterhub" and "adapterhub" in out:
+            out.remove("adapterhub")
+        return tuple(out)
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, LoRAConfig)

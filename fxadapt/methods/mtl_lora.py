@@ -132,6 +132,7 @@ class MTLLoRA(_SiteSlice):
 class MTLLoRAMethod(LoRAMethod):
     name = "mtl_lora"
     config_class = MTLLoRAConfig
+    formats = ("fxadapt", "adapterhub")  # docs/methods.md (bn)
 
     def build(self, config, site, layer, layer_index):  # type: ignore[override]
         in_f, width, _ = projection_features(layer.get_submodule(site.module))

@@ -257,6 +257,11 @@ class _PromptHooks:
 class PromptTuningMethod(Method):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
+    formats = ("fxadapt", "adapterhub", "peft")
+
+    def supported_formats(self, config: AdapterConfig) -> tuple[str, ...]:
+        # AdapterHub inserts the prompt after the embeddings module (placement="embeddings_output")
+        return tuple(f for f in self.formats if f != "adapterhub" or config.placement == "embeddings_output")
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         return ()  # no layer site: the prompt is a model part

@@ -312,6 +312,7 @@ def _replace_first(output: Any, hidden: torch.Tensor) -> Any:
 class ReftMethod(Method):
     name = "reft"
     config_class = ReftConfig
+    formats = ("fxadapt", "adapterhub")  # docs/methods.md (bn)
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         return ()  # no layer site: the layer output is changed by a hook

@@ -85,12 +85,23 @@ class UnionMethod(Method):
         assert isinstance(config, ConfigUnion)
         return tuple((method_for(c), c) for c in config.configs)
 
+    def supported_compositions(self, config: AdapterConfig) -> tuple[str, ...]:
+        return _common([m.supported_compositions(c) for m, c in self.components(config)])
+
+    def supported_formats(self, config: AdapterConfig) -> tuple[str, ...]:
+        return _common([m.supported_formats(c) for m, c in self.components(config)])
+
     def eject(self, config: AdapterConfig, modules: dict) -> AdapterConfig | None:
         assert isinstance(config, ConfigUnion)
         ejected = [method_for(c).eject(c, modules) for c in config.configs]
         if all(e is None for e in ejected):
             return None
         return ConfigUnion(configs=tuple(e if e is not None else c for e, c in zip(ejected, config.configs)))
+
+
+def _common(lists: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """What every member has, in the first member's order."""
+    return tuple(x for x in lists[0] if all(x in other for other in lists[1:]))
 
 
 def mam(**prefix_tuning: Any) -> ConfigUnion:
