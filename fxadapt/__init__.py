@@ -29,14 +29,17 @@ from .api import (
 )
 from .compose import Average, BatchSplit, Fuse, Parallel, PerRow, Split, Stack
 from .errors import (
+    AdapterIdsError,
     AdapterNotFoundError,
     CaptureError,
     CheckpointError,
     CompositionError,
     ConfigError,
+    ConfigFieldError,
     FxAdaptError,
     NameCollisionError,
     NotMergeableError,
+    SavePathError,
     SiteNotFoundError,
 )
 from .formats.adapterhub import load_adapter_fusion, save_adapter_fusion
@@ -50,6 +53,7 @@ from .methods.prompt import PromptTuningConfig
 from .routing import adapter_ids
 
 __all__ = [
+    "AdapterIdsError",
     "AdapterNotFoundError",
     "AdapterTrainer",
     "Average",
@@ -59,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigFieldError",
     "Fuse",
     "FusionConfig",
     "FxAdaptError",
@@ -70,6 +75,7 @@ __all__ = [
     "PerRow",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "SavePathError",
     "SiteNotFoundError",
     "Split",
     "Stack",

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import api, io
+from .atomic import atomic_folder
 from .compose import Block, parse_setup
 from .errors import AdapterNotFoundError, CheckpointError, NameCollisionError
 from .heads import HeadConfig, PredictionHead
@@ -103,24 +104,27 @@ class AdapterModelMixin:
     def save_adapter(
         self, save_directory: str | os.PathLike, adapter_name: str, with_head: bool = True
     ) -> None:
-        folder = Path(save_directory)
         heads = self._heads()
-        io.save_adapter(
-            self, folder, adapter_name, with_head=with_head and not heads and bool(api.head_parameters(self))
-        )
-        if with_head and adapter_name in heads:
-            head = heads[adapter_name]
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-                str(folder / HEAD_WEIGHTS),
+        with atomic_folder(save_directory) as folder:  # adapter + head replace the folder as one unit
+            io.save_adapter(
+                self,
+                save_directory,
+                adapter_name,
+                with_head=with_head and not heads and bool(api.head_parameters(self)),
             )
-            (folder / HEAD_CONFIG).write_text(
-                json.dumps(
-                    {"format": "fxadapt-head", "name": adapter_name, "config": head.config.to_dict()},
-                    indent=2,
+            if with_head and adapter_name in heads:
+                head = heads[adapter_name]
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                    str(folder / HEAD_WEIGHTS),
                 )
-                + "\n"
-            )
+                (folder / HEAD_CONFIG).write_text(
+                    json.dumps(
+                        {"format": "fxadapt-head", "name": adapter_name, "config": head.config.to_dict()},
+                        indent=2,
+                    )
+                    + "\n"
+                )
 
     def save_all_adapters(self, save_directory: str | os.PathLike, with_head: bool = True) -> None:
         for name in api.list_adapters(self):

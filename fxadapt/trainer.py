@@ -15,6 +15,7 @@ import torch
 from transformers import Trainer
 
 from . import api, io
+from .atomic import atomic_file
 from .errors import CheckpointError
 
 __all__ = ["AdapterTrainer"]
@@ -49,7 +50,8 @@ class AdapterTrainer(Trainer):
             io.save_adapter(model, Path(output_dir) / name, name, with_head=head)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        with atomic_file(os.path.join(output_dir, "training_args.bin")) as tmp:
+            torch.save(self.args, str(tmp))
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None

@@ -152,6 +152,10 @@ def resolve(
 ) -> Path:
     """The local folder holding the adapter named by ``path_or_id`` (see the module docstring)."""
     path = Path(path_or_id)
+    if not path.exists():
+        from ..atomic import recover
+
+        recover(path)  # a save interrupted between its two renames leaves the previous folder as a backup
     if path.is_dir():
         return path
     identifier = str(path_or_id)

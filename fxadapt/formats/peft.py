@@ -239,7 +239,6 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
         }
     import json
 
-    folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
         str(folder / WEIGHTS_NAME),
