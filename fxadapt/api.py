@@ -40,6 +40,7 @@ from .model import (
     set_state,
 )
 from .rewrite import site_key
+from .rollback import WeightSnapshot, check_adapter_name, check_materialized
 from .routing import install_routing_hook, remove_routing_hook
 
 __all__ = [
@@ -77,6 +78,7 @@ def _normalise_spec(spec: AdapterSpec) -> list[tuple[str, AdapterConfig]]:
             raise ConfigError(
                 f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (it becomes part of state_dict keys)"
             )
+        check_adapter_name(name)  # serve: names like 'keys' / 'forward' cannot key a ModuleDict
         if isinstance(value, str):
             config = preset(value)
         elif isinstance(value, AdapterConfig):
@@ -112,6 +114,7 @@ def inject(
         ConfigError, NameCollisionError, SiteNotFoundError, CaptureError: nothing is changed when raised.
     """
     items = _normalise_spec(spec)
+    check_materialized(model)  # serve: a meta-device model cannot be primed
     state = get_state(model)
     for name, _ in items:
         if state is not None and name in state.adapters:
@@ -176,6 +179,7 @@ def inject(
         state = ModelState(layer_paths=list(paths))
     installed_now: list[nn.Module] = []
     added: list[tuple[nn.Module, str]] = []
+    containers_now: list[nn.Module] = []  # layers that got their adapter container in this call
     previous_active = state.active
     try:
         for index, name, kind, module in staged:
@@ -190,6 +194,7 @@ def inject(
             if container is None:
                 container = nn.ModuleDict()
                 layer.add_module(CONTAINER, container)
+                containers_now.append(layer)
             if name not in container:
                 container[name] = nn.ModuleDict()
                 added.append((layer, name))
@@ -204,7 +209,8 @@ def inject(
     except BaseException:
         for layer, name in added:
             del layer._modules[CONTAINER][name]
-            if not layer._modules[CONTAINER]:
+        for layer in [x for x, _ in added] + containers_now:
+            if CONTAINER in layer._modules and not layer._modules[CONTAINER]:
                 del layer._modules[CONTAINER]
         for layer in installed_now:
             uninstall(layer)
@@ -321,12 +327,21 @@ def _merge(model: nn.Module, name: str, sign: int) -> None:
     if record.merged == (sign > 0):
         return
     _, layers = layers_of(model)
-    with torch.no_grad():
-        for (index, kind), site in record.sites.items():
-            module = layers[index]._modules[CONTAINER][name][site_key(kind)]
-            method.merge(record.config, module, site, layers[index], sign)
-    record.merged = sign > 0
-    _apply_plans(model, state)
+    snapshot = WeightSnapshot()  # serve: an interrupted merge restores every weight it already wrote
+    try:
+        with torch.no_grad():
+            for (index, kind), site in record.sites.items():
+                module = layers[index]._modules[CONTAINER][name][site_key(kind)]
+                projection = getattr(site, "module", None)
+                snapshot.save(layers[index].get_submodule(projection) if projection else layers[index])
+                method.merge(record.config, module, site, layers[index], sign)
+        record.merged = sign > 0
+        _apply_plans(model, state)
+    except BaseException:
+        snapshot.restore()
+        record.merged = sign < 0
+        _apply_plans(model, state)
+        raise
 
 
 def merge(model: nn.Module, name: str) -> nn.Module:

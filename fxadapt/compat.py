@@ -30,6 +30,7 @@ from .atomic import atomic_folder
 from .compose import Block, parse_setup
 from .errors import AdapterNotFoundError, CheckpointError, NameCollisionError
 from .heads import HeadConfig, PredictionHead
+from .rollback import check_adapter_name, rename_adapter
 
 __all__ = ["AdapterModel", "AdapterModelMixin", "init"]
 
@@ -45,7 +46,14 @@ class AdapterModelMixin:
         self, adapter_name: str, config: Any = "seq_bn", overwrite_ok: bool = False, set_active: bool = False
     ) -> None:
         if overwrite_ok and adapter_name in api.list_adapters(self):
+            # build and validate the new adapter first: a config that fails leaves the trained adapter in place
+            staging = _free_name(self, f"{adapter_name}-new")
+            api.inject(self, {staging: config}, activate=False)
             api.remove(self, adapter_name)
+            rename_adapter(self, staging, adapter_name)
+            if set_active:
+                api.activate(self, adapter_name)
+            return
         api.inject(self, {adapter_name: config}, activate=set_active)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -148,6 +156,9 @@ class AdapterModelMixin:
         )
         head_file = folder / HEAD_CONFIG
         own_head = with_head and head_file.is_file() and '"fxadapt-head"' in head_file.read_text()
+        # the head is read and built before anything changes: a corrupt head leaves the model (and an existing
+        # head of that name) as they were
+        head = self._read_own_head(folder, load_as) if own_head else None
         name = io.load_adapter(
             self,
             folder,
@@ -156,32 +167,33 @@ class AdapterModelMixin:
             load_head=with_head and not own_head,
             **kwargs,
         )
-        if own_head:
-            try:
-                meta = json.loads(head_file.read_text())
-                config = HeadConfig(**meta["config"])
-                self._add_head(name, config, overwrite_ok=True)
-                self._heads()[name].load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
-            except Exception as exc:
-                api.remove(self, name)
-                if name in self._heads():
-                    self.delete_head(name)
-                raise CheckpointError(f"loading the head saved with adapter {name!r} failed: {exc}") from exc
+        if head is not None:
+            self._install_head(name, head)
         if set_active:
             self._set_active_head([name])
         return name
+
+    def _read_own_head(self, folder: Path, load_as: str | None) -> PredictionHead:
+        from .formats import read_json
+
+        source = str(folder / HEAD_CONFIG)
+        meta = read_json(folder / HEAD_CONFIG)
+        try:
+            config = HeadConfig(**meta["config"])
+            head = self._build_head(config)
+            tensors = load_file(str(folder / HEAD_WEIGHTS))
+            head.load_state_dict(tensors)
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot load the head saved in {source!r} (with {HEAD_WEIGHTS}): {type(exc).__name__}: {exc}"
+            ) from exc
+        return head
 
     # -- heads ----------------------------------------------------------------------------------------------
     def _heads(self) -> nn.ModuleDict:
         return self.__dict__.get("_modules", {}).get("heads") or nn.ModuleDict()
 
-    def _add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False) -> None:
-        heads = self._modules.get("heads")
-        if heads is None:
-            heads = nn.ModuleDict()
-            self.add_module("heads", heads)
-        if name in heads and not overwrite_ok:
-            raise NameCollisionError(f"a head named {name!r} exists; pass overwrite_ok=True to replace it")
+    def _build_head(self, config: HeadConfig) -> PredictionHead:
         cfg = getattr(self, "config", None)
         head = PredictionHead(
             config, cfg.hidden_size, getattr(cfg, "vocab_size", None), getattr(cfg, "pad_token_id", None)
@@ -190,8 +202,21 @@ class AdapterModelMixin:
             getattr(cfg, "is_decoder", False) or getattr(cfg, "model_type", "") in _CAUSAL
         )
         ref = next(self.parameters())
-        heads[name] = head.to(ref.device).train(self.training)
+        return head.to(ref.device).train(self.training)
+
+    def _install_head(self, name: str, head: PredictionHead) -> None:
+        heads = self._modules.get("heads")
+        if heads is None:
+            heads = nn.ModuleDict()
+            self.add_module("heads", heads)
+        heads[name] = head
         self.__dict__["active_head"] = name
+
+    def _add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False) -> None:
+        check_adapter_name(name, "head")
+        if name in self._heads() and not overwrite_ok:
+            raise NameCollisionError(f"a head named {name!r} exists; pass overwrite_ok=True to replace it")
+        self._install_head(name, self._build_head(config))
 
     def add_classification_head(
         self,
@@ -283,6 +308,11 @@ class AdapterModelMixin:
             if name in heads:
                 self.__dict__["active_head"] = name
                 return
+
+
+def _free_name(model: nn.Module, base: str) -> str:
+    taken = api.list_adapters(model)
+    return next(f"{base}{i or ''}" for i in range(len(taken) + 1) if f"{base}{i or ''}" not in taken)
 
 
 _CAUSAL = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "phi3", "gemma", "opt", "bloom", "falcon"}

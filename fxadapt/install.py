@@ -21,6 +21,7 @@ from torch import nn
 
 from .capture import Capture, flatten_call, guard_key, trace_layer
 from .rewrite import LayerPlan, build_runner
+from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
 
 __all__ = ["LayerState", "install", "is_installed", "layer_state", "uninstall"]
@@ -92,7 +93,8 @@ class LayerState:
         traced = self.find_traced(layer, key, leaves)
         if traced is None:
             # a new kind of call at run time: verified against the values computed while tracing it
-            capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
+            with preserved_buffers(layer):  # serve: tracing + verification must not advance BatchNorm statistics
+                capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
             traced = Traced(capture, find_sites(layer, capture.graph))
             self.add_traced(key, traced)
         return traced

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__
 from .api import activate as fxadapt_activate
-from .api import active_adapters, adapter_parameters, head_parameters, inject, remove
+from .api import active_setup, adapter_parameters, head_parameters, inject, remove
 from .atomic import atomic_folder
 from .errors import CheckpointError, ConfigError, FxAdaptError, nearest
 from .methods.base import config_from_dict
@@ -255,7 +255,7 @@ def load_adapter(
                 adapter_name,
             )
 
-    previous_active = active_adapters(model)
+    previous_active = active_setup(model)  # the setup itself: a Parallel or Fuse is not a list of its names
     inject(model, {adapter_name: config}, example_inputs=example_inputs, activate=activate)
 
     def undo() -> None:

@@ -19,6 +19,7 @@ from .errors import AdapterNotFoundError, CaptureError, nearest
 from .install import LayerState, Traced, layer_state
 from .methods.base import AdapterConfig
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
+from .rollback import preserved_buffers
 from .sites import find_sites
 
 __all__ = [
@@ -149,6 +150,11 @@ def prime(
 ) -> list[tuple[tuple, Traced]]:
     """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced)."""
     inputs = default_example_inputs(model) if example_inputs is None else example_inputs
+    with preserved_buffers(model):  # serve: priming and tracing must not advance BatchNorm statistics
+        return _prime(model, layers, inputs)
+
+
+def _prime(model: nn.Module, layers: list[nn.Module], inputs: Any) -> list[tuple[tuple, Traced]]:
     with torch.random.fork_rng(devices=[]):
         calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
     out = []

@@ -39,6 +39,13 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        # serve: unknown keywords / scalars for sequence fields raise typed errors naming the field (fields.py)
+        from .fields import check_config_call
+
+        check_config_call(cls, args, kwargs)
+        return super().__new__(cls)
+
     def to_dict(self) -> dict[str, Any]:
         out = {"method": self.method}
         for f in dataclasses.fields(self):
