@@ -27,6 +27,7 @@ from .api import (
     train_fusion,
     unmerge,
 )
+from .calls import using
 from .compose import Average, BatchSplit, Fuse, Parallel, PerRow, Split, Stack
 from .errors import (
     AdapterIdsError,
@@ -102,6 +103,7 @@ __all__ = [
     "train_adapter",
     "train_fusion",
     "unmerge",
+    "using",
 ]
 
 

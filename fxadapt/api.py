@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compose import Block, Fuse, PerRow, Stack, parse_setup, validate
+from .compose import Block, Fuse, Stack, parse_setup, validate
 from .errors import (
     AdapterNotFoundError,
     CompositionError,
@@ -41,7 +41,7 @@ from .model import (
 )
 from .rewrite import site_key
 from .rollback import WeightSnapshot, check_adapter_name, check_materialized
-from .routing import install_routing_hook, remove_routing_hook
+from .routing import sync_routing_hook
 
 __all__ = [
     "activate",
@@ -242,10 +242,7 @@ def _apply_plans(model: nn.Module, state: ModelState) -> None:
                 raise CompositionError(
                     f"{fuse!r} has no fusion layers; add them with fxadapt.add_fusion(model, {fuse!r}) first"
                 )
-    if isinstance(state.active, PerRow):
-        install_routing_hook(model)
-    else:
-        remove_routing_hook(model)
+    sync_routing_hook(model, state)  # serve: for a PerRow setup, active or per call (routing.py)
     _, layers = layers_of(model)
     for index, layer in enumerate(layers):
         lstate = layer_state(layer)

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import api, io
 from .atomic import atomic_folder
+from .calls import using
 from .compose import Block, parse_setup
 from .errors import AdapterNotFoundError, CheckpointError, NameCollisionError
 from .heads import HeadConfig, PredictionHead
@@ -40,6 +41,18 @@ HEAD_WEIGHTS = "head_model.safetensors"
 
 class AdapterModelMixin:
     """AdapterHub's model methods. Mixed into a model's class by :func:`init` (or used by :class:`AdapterModel`)."""
+
+    _head_from_setup = False  # AdapterModel: a call's adapter_names also pick its head
+
+    def __call__(self, *args: Any, adapter_names: Any = None, **kwargs: Any) -> Any:
+        """``model(..., adapter_names=setup)``: the setup for this call only, in this thread (``fxadapt.using``);
+        the model's active setup is not changed, so concurrent calls may use different setups."""
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        if self._head_from_setup and kwargs.get("head") is None:
+            kwargs["head"] = _last_head(self, adapter_names)
+        with using(self, adapter_names):
+            return super().__call__(*args, **kwargs)
 
     # -- adapters -------------------------------------------------------------------------------------------
     def add_adapter(
@@ -322,6 +335,7 @@ class AdapterModel(AdapterModelMixin, nn.Module):
     """A Hugging Face base model (``AutoModel``) with named prediction heads (AdapterHub's ``AutoAdapterModel``)."""
 
     base_model_prefix = "model"
+    _head_from_setup = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -366,13 +380,9 @@ class AdapterModel(AdapterModelMixin, nn.Module):
             "pixel_values": pixel_values,
         }
         inputs = {k: v for k, v in inputs.items() if v is not None} | kwargs
-        if adapter_names is not None:
-            previous = api.active_setup(self)
-            api.activate(self, adapter_names)
-            try:
+        if adapter_names is not None:  # a direct forward(adapter_names=...) call: as model(...) does
+            with using(self, adapter_names):
                 return self.forward(**inputs, labels=labels, head=head or _last_head(self, adapter_names))
-            finally:
-                api.activate(self, previous)
         num_choices = None
         if input_ids is not None and input_ids.dim() == 3:  # multiple choice: [batch, choices, tokens]
             num_choices = input_ids.shape[1]
@@ -431,26 +441,10 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
     return (_rebuild, (type(self)._fxadapt_compat_base,), self.__getstate__())
 
 
-def _adapter_names_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    names = kwargs.pop("adapter_names", None)
-    if names is not None:
-        model.__dict__.setdefault("_fxadapt_setup_stack", []).append(api.active_setup(model))
-        api.activate(model, names)
-    return args, kwargs
-
-
-def _adapter_names_post_hook(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    stack = model.__dict__.get("_fxadapt_setup_stack")
-    if stack:
-        api.activate(model, stack.pop())
-
-
 def init(model: nn.Module) -> nn.Module:
     """Give an HF model AdapterHub's methods (``add_adapter``, ``train_adapter``, ``set_active_adapters``,
     heads, ``save_all_adapters``, ``model(..., adapter_names=...)``), in place; returns the model."""
     if isinstance(model, AdapterModelMixin):
         return model
     model.__class__ = _subclass(type(model))
-    model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True, prepend=True)
-    model.register_forward_hook(_adapter_names_post_hook, with_kwargs=True, always_call=True)
     return model

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calls import current_plan
 from .capture import Capture, flatten_call, guard_key, trace_layer
 from .rewrite import LayerPlan, build_runner
 from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
+from .tracing import serialized
 
 __all__ = ["LayerState", "install", "is_installed", "layer_state", "uninstall"]
 
@@ -69,6 +71,10 @@ class LayerState:
         if plan == self.plan and plan:
             return
         self.plan = plan
+        self.runners = self.runners_for(plan)
+
+    def runners_for(self, plan: LayerPlan) -> dict:
+        """The compiled code of ``plan`` (shared by the active setup and per-call setups, ``calls.py``)."""
         from .kernels import backend_mode
 
         try:
@@ -77,8 +83,8 @@ class LayerState:
             key = repr(plan)
         key = (key, backend_mode())  # lowering to fused kernels depends on the kernel backend
         if key not in self.compiled and len(self.compiled) >= 16:
-            self.compiled.pop(next(iter(self.compiled)))
-        self.runners = self.compiled.setdefault(key, {})
+            self.compiled.pop(next(iter(self.compiled)), None)
+        return self.compiled.setdefault(key, {})
 
     def add_traced(self, key: tuple, traced: Traced) -> None:
         self.traced.setdefault(key, []).append(traced)
@@ -93,39 +99,57 @@ class LayerState:
         traced = self.find_traced(layer, key, leaves)
         if traced is None:
             # a new kind of call at run time: verified against the values computed while tracing it
-            with preserved_buffers(layer):  # serve: tracing + verification must not advance BatchNorm statistics
+            # serve: tracing and verification must not advance BatchNorm statistics
+            with preserved_buffers(layer):
                 capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
             traced = Traced(capture, find_sites(layer, capture.graph))
             self.add_traced(key, traced)
         return traced
 
-    def runner_for(self, layer: nn.Module, key: tuple, leaves: list[Any]) -> Callable[..., Any] | None:
-        for capture, runner, _ in self.runners.get(key, ()):
+    def runner_for(
+        self, layer: nn.Module, key: tuple, leaves: list[Any], runners: dict | None = None
+    ) -> Callable[..., Any] | None:
+        for capture, runner, _ in (self.runners if runners is None else runners).get(key, ()):
             if not capture.value_guards or capture.guards_hold(layer, leaves):
                 return runner
         return None
 
     @torch.compiler.disable
-    def build(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]):
-        traced = self.trace(layer, args, kwargs, key, leaves)
-        notes: list[str] = []
-        runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
-        self.runners.setdefault(key, []).append((traced.capture, runner, source))
-        self.notes = notes
+    def build(
+        self,
+        layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        key: tuple,
+        leaves: list[Any],
+        plan: LayerPlan | None = None,
+        runners: dict | None = None,
+    ):
+        plan, runners = (self.plan, self.runners) if plan is None else (plan, runners)
+        with serialized():  # serve: one capture per new guard key; concurrent callers wait for it
+            runner = self.runner_for(layer, key, leaves, runners)
+            if runner is not None:  # another thread built it while this one waited
+                return runner
+            traced = self.trace(layer, args, kwargs, key, leaves)
+            notes: list[str] = []
+            runner, source = build_runner(layer, traced.capture, traced.report, plan, notes)
+            runners.setdefault(key, []).append((traced.capture, runner, source))
+            self.notes = notes
         return runner
 
-    def warm(self, layer: nn.Module) -> None:
+    def warm(self, layer: nn.Module, plan: LayerPlan | None = None, runners: dict | None = None) -> None:
         """Compile the plan for every known capture now: an invalid plan fails at activation time, and a compiled
         model (torch.compile) finds generated code ready after a setup switch instead of building it mid-graph."""
-        if not self.plan:
+        plan, runners = (self.plan, self.runners) if plan is None else (plan, runners)
+        if not plan:
             return
-        for key, traced_list in self.traced.items():
+        for key, traced_list in list(self.traced.items()):
             for traced in traced_list:
-                if any(capture is traced.capture for capture, _, _ in self.runners.get(key, ())):
+                if any(capture is traced.capture for capture, _, _ in runners.get(key, ())):
                     continue
                 notes: list[str] = []
-                runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
-                self.runners.setdefault(key, []).append((traced.capture, runner, source))
+                runner, source = build_runner(layer, traced.capture, traced.report, plan, notes)
+                runners.setdefault(key, []).append((traced.capture, runner, source))
                 self.notes = notes
 
     def sources(self) -> list[str]:
@@ -143,13 +167,14 @@ def is_installed(layer: nn.Module) -> bool:
 
 def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: LayerState = self.__dict__[_STATE]
-    if not state.plan:
+    plan, runners = current_plan(state)  # serve: a per-call setup (fxadapt.using) wins over the active one
+    if not plan:
         return state.orig_class.forward(self, *args, **kwargs)
     leaves, spec = flatten_call(args, kwargs)
     key = guard_key(self, leaves, spec)
-    runner = state.runner_for(self, key, leaves)
+    runner = state.runner_for(self, key, leaves, runners)
     if runner is None:
-        runner = state.build(self, args, kwargs, key, leaves)
+        runner = state.build(self, args, kwargs, key, leaves, plan, runners)
     return runner(self, leaves)
 
 
