@@ -88,8 +88,11 @@ def _normalise(setup: Any) -> Block | None:
 
 
 def _signature(state: Any) -> tuple:
-    """What the layers' plans depend on besides the setup (a change invalidates cached plans)."""
+    """What the layers' plans and code depend on besides the setup (a change invalidates cached plans)."""
+    from .kernels import backend_mode
+
     return (
+        backend_mode(),  # lowering to fused kernels depends on the kernel backend
         tuple((n, r.merged, id(r.config)) for n, r in state.adapters.items()),
         tuple((n, id(r)) for n, r in state.fusions.items()),
         tuple(state.layer_paths),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calls import using
 from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer
 from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
@@ -150,7 +151,9 @@ def prime(
 ) -> list[tuple[tuple, Traced]]:
     """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced)."""
     inputs = default_example_inputs(model) if example_inputs is None else example_inputs
-    with preserved_buffers(model):  # serve: priming and tracing must not advance BatchNorm statistics
+    # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
+    # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
+    with preserved_buffers(model), using(model, None):
         return _prime(model, layers, inputs)
 
 

@@ -441,8 +441,12 @@ class LoRAMethod(Method):
         return module.train(layer.training)  # an eval model gets an eval adapter (its dropout off)
 
     def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
-        from ..compose import Stack
+        from ..compose import PerRow, Stack
 
+        if isinstance(setup, PerRow):  # each row its own LoRA / (IA)^3 (lora_rows.py)
+            from .lora_rows import compose_per_row
+
+            return compose_per_row(emitter, site, setup, plan)
         if isinstance(setup, Stack) and len(plan.adapters) == 1:
             return super().compose_site(emitter, site, setup, plan)  # the single-adapter rule below
         return compose_lora_site(emitter, site, setup, plan)
