@@ -52,6 +52,7 @@ from .methods.lora import LoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
 from .routing import adapter_ids
+from .tracing import prepare
 
 __all__ = [
     "AdapterIdsError",
@@ -96,6 +97,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_fusion",
     "merge",
+    "prepare",
     "remove",
     "remove_fusion",
     "save_adapter",

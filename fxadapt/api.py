@@ -42,6 +42,7 @@ from .model import (
 from .rewrite import site_key
 from .rollback import WeightSnapshot, check_adapter_name, check_materialized
 from .routing import sync_routing_hook
+from .tracing import serialized
 
 __all__ = [
     "activate",
@@ -93,6 +94,7 @@ def _normalise_spec(spec: AdapterSpec) -> list[tuple[str, AdapterConfig]]:
     return items
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def inject(
     model: nn.Module,
     spec: AdapterSpec,
@@ -259,6 +261,7 @@ def _no_adapters(model: nn.Module) -> Exception:
     )
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def activate(model: nn.Module, setup: str | Sequence[Any] | Block | None) -> nn.Module:
     """Make ``setup`` the active adapter setup and compile it into the layers.
 
@@ -308,6 +311,7 @@ def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     return {n: r.config for n, r in state.adapters.items()} if state is not None else {}
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def _merge(model: nn.Module, name: str, sign: int) -> None:
     from .errors import NotMergeableError
 
@@ -353,6 +357,7 @@ def unmerge(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def remove(model: nn.Module, name: str) -> nn.Module:
     """Delete adapter ``name`` and its weights. With no adapter left the model is exactly the original."""
     state = get_state(model)
@@ -383,6 +388,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def add_fusion(
     model: nn.Module,
     setup: Fuse | Sequence[Any],
@@ -445,6 +451,7 @@ def _drop_fusion(model: nn.Module, state: ModelState, fuse_name: str) -> None:
         state.active = None
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def remove_fusion(model: nn.Module, setup: Fuse | Sequence[Any]) -> nn.Module:
     """Delete the fusion layers of ``setup``."""
     state = get_state(model)
@@ -500,6 +507,7 @@ def fusion_regularization_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def eject_prefix(model: nn.Module, name: str) -> nn.Module:
     """Replace a prefix-tuning adapter's reparameterisation MLP by the prefixes it produces (``flat``): the same
     outputs, fewer parameters and no MLP per forward. Saved configs record ``flat=True`` from then on."""

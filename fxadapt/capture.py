@@ -33,6 +33,7 @@ import functools
 import inspect
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_cal
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .tracing import gate, traced
 
 __all__ = [
     "Capture",
@@ -126,9 +128,11 @@ def record_layer_calls(
     """Run ``run()`` once and return, per layer (by ``id``), the (args, kwargs) of its first call."""
     calls: dict[int, tuple[tuple, dict]] = {}
     handles = []
+    me = threading.get_ident()
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.setdefault(id(module), (args, dict(kwargs)))
+        if threading.get_ident() == me:  # serve: not another thread's call of the same model
+            calls.setdefault(id(module), (args, dict(kwargs)))
 
     for layer in layers:
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
@@ -335,13 +339,14 @@ class _TracePatches:
 
     def __enter__(self) -> _TracePatches:
         self._saved: list[tuple[Any, str, Any]] = []
+        # serve: every patch goes through tracing.gate: other threads keep calling the originals
         for module, name, fn in self.script_functions:
             self._saved.append((module, name, fn))
-            setattr(module, name, _LeafFunction(_python_caller(fn), attention=False))
+            setattr(module, name, gate(_LeafFunction(_python_caller(fn), attention=False), fn))
         for name in _WRAPPED_TORCH_FUNCTIONS:
             orig = getattr(torch, name)
             self._saved.append((torch, name, orig))
-            setattr(torch, name, _wrap_factory(orig))
+            setattr(torch, name, gate(_wrap_factory(orig), orig))
         for cls in _attention_interface_classes():
             for name in ("get_interface", "__getitem__"):
                 orig = cls.__dict__.get(name)
@@ -357,7 +362,7 @@ class _TracePatches:
                     fn = _orig(self_, *a, **kw)
                     return _LeafFunction(fn) if callable(fn) and not isinstance(fn, _LeafFunction) else fn
 
-                setattr(cls, name, patched)
+                setattr(cls, name, gate(patched, orig if orig is not _MISSING else getattr(cls, name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -653,13 +658,14 @@ def _shadow_copy(value: Any) -> Any:
         return value
     # Deep-copy opaque objects (caches); tensors inside may be non-leaf, which Tensor.__deepcopy__ refuses.
     orig = torch.Tensor.__deepcopy__
-    torch.Tensor.__deepcopy__ = lambda self, memo: self.detach().clone()  # type: ignore[method-assign]
+    torch.Tensor.__deepcopy__ = gate(lambda self, memo: self.detach().clone(), orig)  # type: ignore[method-assign]
     try:
         return copy.deepcopy(value)
     finally:
         torch.Tensor.__deepcopy__ = orig  # type: ignore[method-assign]
 
 
+@traced  # serve: under the tracing lock, with patches visible to this thread only (tracing.py)
 def trace_layer(
     layer: nn.Module,
     orig_forward: Callable[..., Any],
