@@ -64,7 +64,7 @@ def current_plan(lstate: Any) -> tuple[Any, dict]:
             entry = plans.get(id(lstate))
             if entry is not None:
                 return entry
-    return lstate.plan, lstate.runners
+    return lstate.active or (lstate.plan, lstate.runners)
 
 
 def effective_setup(model: nn.Module, state: Any = None) -> Block | None:

@@ -54,6 +54,8 @@ class LayerState:
     notes: list[str] = field(default_factory=list)  # lowering notes of the last compiled specialisation
     # compiled code per plan seen (a few): switching back to a setup reuses its code
     compiled: dict[Any, dict] = field(default_factory=dict)
+    # serve: (plan, runners) as one value, so a call racing activate() never pairs one plan with another's code
+    active: tuple[LayerPlan, dict] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # generated code and graphs are cheap to rebuild and not picklable: drop them
@@ -70,8 +72,9 @@ class LayerState:
     def set_plan(self, plan: LayerPlan) -> None:
         if plan == self.plan and plan:
             return
-        self.plan = plan
-        self.runners = self.runners_for(plan)
+        runners = self.runners_for(plan)
+        self.plan, self.runners = plan, runners
+        self.active = (plan, runners)
 
     def runners_for(self, plan: LayerPlan) -> dict:
         """The compiled code of ``plan`` (shared by the active setup and per-call setups, ``calls.py``)."""

@@ -39,6 +39,13 @@ def base_model() -> torch.nn.Module:
     return make_model("bert", hidden_size=64, intermediate_size=96)
 
 
+def checker_model() -> torch.nn.Module:
+    """The base model with a small adapter that stays: its layers keep their captures, so loads do not re-trace."""
+    model = base_model()
+    fxadapt.inject(model, {"keep": fxadapt.LoRAConfig(r=1)}, activate=False)
+    return model
+
+
 def _build(fmt: str) -> torch.nn.Module:
     model = base_model()
     fxadapt.inject(model, dict(zip(NAMES, CONFIGS[fmt])), activate=False)

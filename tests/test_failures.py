@@ -148,8 +148,9 @@ def _parallel_model():
     return model
 
 
-@pytest.mark.parametrize("setup", ["parallel", "fuse"])
-@pytest.mark.parametrize("fmt", ["fxadapt", "adapterhub", "peft"])
+@pytest.mark.parametrize(
+    "setup, fmt", [("parallel", "fxadapt"), ("fuse", "fxadapt"), ("parallel", "adapterhub"), ("fuse", "peft")]
+)
 def test_failed_load_keeps_parallel_or_fuse_setup(tmp_path, setup, fmt):
     source = make_model("bert")
     fxadapt.inject(source, {"c": "lora" if fmt == "peft" else "seq_bn"})
