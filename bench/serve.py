@@ -91,7 +91,8 @@ def build(base: torch.nn.Module, n: int, r: int, alpha: float, targets: list[str
 
 def run_family(bench: Bench, base, batch, cases, r, alpha, targets, dtype, providers, budget, deadline):
     device = bench.device
-    base = base.to(device, dtype).eval()
+    master = base.cpu().float().eval()  # adapters are built on this copy, then moved
+    base = copy.deepcopy(master).to(device, dtype)
     rows = next(iter(batch.values())).shape[0]
     shape0 = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
@@ -108,7 +109,7 @@ def run_family(bench: Bench, base, batch, cases, r, alpha, targets, dtype, provi
         if time.time() > deadline:
             bench.note(f"budget {budget}s spent: skipped the remaining cases from n={n} {kind}")
             break
-        pm, ours, names = build(base.cpu().float(), n, r, alpha, targets, dtype, device)
+        pm, ours, names = build(master, n, r, alpha, targets, dtype, device)
         ids = assignment(kind, rows, n).to(device)
         row_names = [names[i] for i in ids.tolist()]
         shape = {"adapters": n, "rows": kind, **shape0}
@@ -118,7 +119,10 @@ def run_family(bench: Bench, base, batch, cases, r, alpha, targets, dtype, provi
                 fxadapt.prepare(ours, [batch], setups=[setup])
                 mine = ours(**batch, adapter_ids=ids)[0]
             diff = (mine.float() - pm(**batch, adapter_names=row_names)[0].float()).abs().max().item()
-            bench.note(f"n={n} {kind}: max |fxadapt - peft| = {diff:.2e}")
+            effect = (mine.float() - base(**batch)[0].float()).abs().max().item()
+            bench.note(
+                f"n={n} {kind}: max |fxadapt - peft| = {diff:.2e} (adapters change outputs by {effect:.2e})"
+            )
             if "peft" in providers:
                 bench.measure(
                     lambda pm=pm, names=row_names: pm(**batch, adapter_names=names),
@@ -142,7 +146,36 @@ def run_family(bench: Bench, base, batch, cases, r, alpha, targets, dtype, provi
                         dtype=dtype,
                         baseline="peft",
                     )
+            if "peft" in providers:
+                bench.note(f"n={n} {kind}: {paired(pm, ours, setup, batch, row_names, ids, providers)}")
         del pm, ours
+
+
+def paired(pm, ours, setup, batch, row_names, ids, providers, rounds: int = 7) -> str:
+    """Round-robin timing (start rotated each round): the median over rounds of time / PEFT's time in that round,
+    the ratio a shared machine cannot skew (the harness rows above are timed one provider after the other)."""
+    fns = {"peft": lambda: pm(**batch, adapter_names=row_names)}
+    for provider, backend in providers.items():
+        if provider != "peft":
+
+            def run(backend=backend):
+                with kernel_backend(backend), fxadapt.using(ours, setup):
+                    return ours(**batch, adapter_ids=ids)
+
+            fns[provider] = run
+    names = list(fns)
+    ratios: dict[str, list[float]] = {k: [] for k in names if k != "peft"}
+    for i in range(rounds):
+        times = {}
+        for k in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[k] = time.perf_counter() - t0
+        for k in ratios:
+            ratios[k].append(times[k] / times["peft"])
+    return ", ".join(f"paired {k}/peft = {sorted(v)[len(v) // 2]:.2f}" for k, v in ratios.items())
 
 
 def op_rows(bench: Bench, tokens: int, d: int, r: int, n: int, dtype) -> None:
