@@ -79,8 +79,12 @@ def save_loop(fmt: str, folder: str, start: int) -> None:
 
 def zygote_main() -> None:
     import sys
+    import tempfile
 
     children: set[int] = set()
+    with tempfile.TemporaryDirectory() as warm:  # first saves import and cache things: not in every saver
+        for fmt in CONFIGS:
+            write_version(fmt, os.path.join(warm, fmt), 0)
     print("ready", flush=True)
     for line in sys.stdin:
         words = line.split()
