@@ -28,16 +28,20 @@ from .api import (
     train_fusion,
     unmerge,
 )
+from .calls import using
 from .compose import Average, BatchSplit, Fuse, Parallel, PerRow, Split, Stack
 from .errors import (
+    AdapterIdsError,
     AdapterNotFoundError,
     CaptureError,
     CheckpointError,
     CompositionError,
     ConfigError,
+    ConfigFieldError,
     FxAdaptError,
     NameCollisionError,
     NotMergeableError,
+    SavePathError,
     SiteNotFoundError,
 )
 from .export import aot_package, export, load_package
@@ -54,8 +58,10 @@ from .methods.reft import ReftConfig
 from .methods.union import ConfigUnion
 from .progress import progress_bars
 from .routing import adapter_ids
+from .tracing import prepare
 
 __all__ = [
+    "AdapterIdsError",
     "AdapterNotFoundError",
     "AdapterTrainer",
     "Average",
@@ -65,6 +71,7 @@ __all__ = [
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigFieldError",
     "ConfigUnion",
     "Fuse",
     "FusionConfig",
@@ -79,6 +86,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "ReftConfig",
+    "SavePathError",
     "SiteNotFoundError",
     "Split",
     "Stack",
@@ -102,6 +110,7 @@ __all__ = [
     "load_adapter_fusion",
     "load_package",
     "merge",
+    "prepare",
     "progress_bars",
     "remove",
     "remove_fusion",
@@ -110,6 +119,7 @@ __all__ = [
     "train_adapter",
     "train_fusion",
     "unmerge",
+    "using",
 ]
 
 

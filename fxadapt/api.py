@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compose import Block, Fuse, PerRow, Stack, parse_setup, validate
+from .compose import Block, Fuse, Stack, parse_setup, validate
 from .errors import (
     AdapterNotFoundError,
     CompositionError,
@@ -51,7 +51,9 @@ from .parts import (
 from .progress import track
 from .quantized import float_weights
 from .rewrite import site_key
-from .routing import install_routing_hook, remove_routing_hook
+from .rollback import WeightSnapshot, check_adapter_name, check_materialized
+from .routing import sync_routing_hook
+from .tracing import serialized
 
 __all__ = [
     "activate",
@@ -89,6 +91,7 @@ def _normalise_spec(spec: AdapterSpec) -> list[tuple[str, AdapterConfig]]:
             raise ConfigError(
                 f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (it becomes part of state_dict keys)"
             )
+        check_adapter_name(name)  # serve: names like 'keys' / 'forward' cannot key a ModuleDict
         if isinstance(value, str):
             config = preset(value)
         elif isinstance(value, AdapterConfig):
@@ -103,6 +106,7 @@ def _normalise_spec(spec: AdapterSpec) -> list[tuple[str, AdapterConfig]]:
     return items
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def inject(
     model: nn.Module,
     spec: AdapterSpec,
@@ -124,6 +128,7 @@ def inject(
         ConfigError, NameCollisionError, SiteNotFoundError, CaptureError: nothing is changed when raised.
     """
     items = _normalise_spec(spec)
+    check_materialized(model)  # serve: a meta-device model cannot be primed
     state = get_state(model)
     for name, _ in items:
         if state is not None and name in state.adapters:
@@ -150,6 +155,7 @@ def inject(
         state = ModelState(layer_paths=list(paths))
     installed_now: list[nn.Module] = []
     added: list[tuple[nn.Module, str]] = []
+    containers_now: list[nn.Module] = []  # layers that got their adapter container in this call
     previous_active = state.active
     try:
         for index, name, kind, module in staged:
@@ -164,6 +170,7 @@ def inject(
             if container is None:
                 container = nn.ModuleDict()
                 layer.add_module(CONTAINER, container)
+                containers_now.append(layer)
             if name not in container:
                 container[name] = nn.ModuleDict()
                 added.append((layer, name))
@@ -178,7 +185,8 @@ def inject(
     except BaseException:
         for layer, name in added:
             del layer._modules[CONTAINER][name]
-            if not layer._modules[CONTAINER]:
+        for layer in [x for x, _ in added] + containers_now:
+            if CONTAINER in layer._modules and not layer._modules[CONTAINER]:
                 del layer._modules[CONTAINER]
         for layer in installed_now:
             uninstall(layer)
@@ -211,10 +219,7 @@ def _apply_plans(model: nn.Module, state: ModelState) -> None:
                 raise CompositionError(
                     f"{fuse!r} has no fusion layers; add them with fxadapt.add_fusion(model, {fuse!r}) first"
                 )
-    if isinstance(state.active, PerRow):
-        install_routing_hook(model)
-    else:
-        remove_routing_hook(model)
+    sync_routing_hook(model, state)  # serve: for a PerRow setup, active or per call (routing.py)
     _, layers = layers_of(model)
     for index, layer in enumerate(track(layers, desc="fxadapt: compiling layers", unit="layer")):
         lstate = layer_state(layer)
@@ -231,6 +236,7 @@ def _no_adapters(model: nn.Module) -> Exception:
     )
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def activate(model: nn.Module, setup: str | Sequence[Any] | Block | None) -> nn.Module:
     """Make ``setup`` the active adapter setup and compile it into the layers.
 
@@ -280,6 +286,7 @@ def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     return {n: r.config for n, r in state.adapters.items()} if state is not None else {}
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def _merge(model: nn.Module, name: str, sign: int) -> None:
     from .errors import NotMergeableError
 
@@ -297,13 +304,23 @@ def _merge(model: nn.Module, name: str, sign: int) -> None:
     _, layers = layers_of(model)
     bases = [layers[i].get_submodule(s.module) for (i, _), s in record.sites.items() if hasattr(s, "module")]
     verb = f"{'merge' if sign > 0 else 'unmerge'} adapter {name!r}"
-    with torch.no_grad(), float_weights(bases, verb):  # quantized bases: dequantize → merge → requantize
-        for (index, kind), site in record.sites.items():
-            module = layers[index]._modules[CONTAINER][name][site_key(kind)]
-            config = governing_config(record, kind)
-            method_for(config).merge(config, module, site, layers[index], sign)
-    record.merged = sign > 0
-    _apply_plans(model, state)
+    snapshot = WeightSnapshot()  # serve: an interrupted merge restores every weight it already wrote
+    for (index, _), site in record.sites.items():
+        projection = getattr(site, "module", None)
+        snapshot.save(layers[index].get_submodule(projection) if projection else layers[index])
+    try:
+        with torch.no_grad(), float_weights(bases, verb):  # quantized bases: dequantize → merge → requantize
+            for (index, kind), site in record.sites.items():
+                module = layers[index]._modules[CONTAINER][name][site_key(kind)]
+                config = governing_config(record, kind)
+                method_for(config).merge(config, module, site, layers[index], sign)
+        record.merged = sign > 0
+        _apply_plans(model, state)
+    except BaseException:
+        snapshot.restore()
+        record.merged = sign < 0
+        _apply_plans(model, state)
+        raise
 
 
 def merge(model: nn.Module, name: str) -> nn.Module:
@@ -318,6 +335,7 @@ def unmerge(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def remove(model: nn.Module, name: str) -> nn.Module:
     """Delete adapter ``name`` and its weights. With no adapter left the model is exactly the original."""
     state = get_state(model)
@@ -347,6 +365,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def add_fusion(
     model: nn.Module,
     setup: Fuse | Sequence[Any],
@@ -411,6 +430,7 @@ def _drop_fusion(model: nn.Module, state: ModelState, fuse_name: str) -> None:
         state.active = None
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def remove_fusion(model: nn.Module, setup: Fuse | Sequence[Any]) -> nn.Module:
     """Delete the fusion layers of ``setup``."""
     state = get_state(model)
@@ -466,6 +486,7 @@ def fusion_regularization_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
+@serialized()  # serve: mutating verbs and lazy builds take turns (tracing.py)
 def eject_prefix(model: nn.Module, name: str) -> nn.Module:
     """Replace adapter ``name``'s training-time reparameterisation by the weights it produces (prefix tuning: the
     MLP by the prefixes it makes, ``flat``): the same outputs, fewer parameters and no MLP per forward. Saved

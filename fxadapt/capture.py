@@ -33,6 +33,7 @@ import functools
 import inspect
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from torch.utils import _pytree as pytree
 from .errors import CaptureError
 from .graphs import ATTENTION_FLAG, is_norm, replay_forward_hooks
 from .provenance import annotate_features
+from .tracing import gate, traced
 
 __all__ = [
     "Capture",
@@ -161,27 +163,33 @@ def record_layer_calls(
     calls ``layer.forward(...)`` directly (SqueezeBERT) is seen as well as ``layer(...)``."""
     calls: dict[int, tuple[tuple, dict]] = {}
     saved: list[tuple[nn.Module, Any]] = []
+    me = threading.get_ident()
 
     def recorder(layer: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         def forward_and_record(*args: Any, **kwargs: Any) -> Any:
-            calls.setdefault(id(layer), (args, dict(kwargs)))
+            if threading.get_ident() == me:  # serve: not another thread's call of the same model
+                calls.setdefault(id(layer), (args, dict(kwargs)))
             return forward(*args, **kwargs)
 
         return forward_and_record
 
-    try:
-        for layer in layers:
-            saved.append((layer, layer.__dict__.get("forward", _MISSING)))
-            layer.__dict__["forward"] = recorder(layer, layer.forward)
-        with torch.no_grad():
-            run()
-    finally:
-        for layer, previous in saved:
-            if previous is _MISSING:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.__dict__["forward"] = previous
+    with _RECORDING:  # one recording at a time: the recorders are instance attributes, restored in order
+        try:
+            for layer in layers:
+                saved.append((layer, layer.__dict__.get("forward", _MISSING)))
+                layer.__dict__["forward"] = recorder(layer, layer.forward)
+            with torch.no_grad():
+                run()
+        finally:
+            for layer, previous in reversed(saved):
+                if previous is _MISSING:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.__dict__["forward"] = previous
     return calls
+
+
+_RECORDING = threading.RLock()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,13 +406,14 @@ class _TracePatches:
 
     def __enter__(self) -> _TracePatches:
         self._saved: list[tuple[Any, str, Any]] = []
+        # serve: every patch goes through tracing.gate: other threads keep calling the originals
         for module, name, fn in self.script_functions:
             self._saved.append((module, name, fn))
-            setattr(module, name, _LeafFunction(_python_caller(fn), attention=False))
+            setattr(module, name, gate(_LeafFunction(_python_caller(fn), attention=False), fn))
         for name in _WRAPPED_TORCH_FUNCTIONS:
             orig = getattr(torch, name)
             self._saved.append((torch, name, orig))
-            setattr(torch, name, _wrap_factory(orig))
+            setattr(torch, name, gate(_wrap_factory(orig), orig))
         for cls in _attention_interface_classes():
             for name in ("get_interface", "__getitem__"):
                 orig = cls.__dict__.get(name)
@@ -420,7 +429,7 @@ class _TracePatches:
                     fn = _orig(self_, *a, **kw)
                     return _LeafFunction(fn) if callable(fn) and not isinstance(fn, _LeafFunction) else fn
 
-                setattr(cls, name, patched)
+                setattr(cls, name, gate(patched, orig if orig is not _MISSING else getattr(cls, name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -801,13 +810,14 @@ def _shadow_copy(value: Any) -> Any:
         return value
     # Deep-copy opaque objects (caches); tensors inside may be non-leaf, which Tensor.__deepcopy__ refuses.
     orig = torch.Tensor.__deepcopy__
-    torch.Tensor.__deepcopy__ = lambda self, memo: self.detach().clone()  # type: ignore[method-assign]
+    torch.Tensor.__deepcopy__ = gate(lambda self, memo: self.detach().clone(), orig)  # type: ignore[method-assign]
     try:
         return copy.deepcopy(value)
     finally:
         torch.Tensor.__deepcopy__ = orig  # type: ignore[method-assign]
 
 
+@traced  # serve: under the tracing lock, with patches visible to this thread only (tracing.py)
 def trace_layer(
     layer: nn.Module,
     orig_forward: Callable[..., Any],

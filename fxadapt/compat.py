@@ -26,9 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import api, io
+from .atomic import atomic_folder
+from .calls import using
 from .compose import Block, parse_setup
 from .errors import AdapterNotFoundError, CheckpointError, NameCollisionError
 from .heads import HeadConfig, PredictionHead
+from .rollback import check_adapter_name, rename_adapter
 
 __all__ = ["AdapterModel", "AdapterModelMixin", "init"]
 
@@ -39,12 +42,31 @@ HEAD_WEIGHTS = "head_model.safetensors"
 class AdapterModelMixin:
     """AdapterHub's model methods. Mixed into a model's class by :func:`init` (or used by :class:`AdapterModel`)."""
 
+    _head_from_setup = False  # AdapterModel: a call's adapter_names also pick its head
+
+    def __call__(self, *args: Any, adapter_names: Any = None, **kwargs: Any) -> Any:
+        """``model(..., adapter_names=setup)``: the setup for this call only, in this thread (``fxadapt.using``);
+        the model's active setup is not changed, so concurrent calls may use different setups."""
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        if self._head_from_setup and kwargs.get("head") is None:
+            kwargs["head"] = _last_head(self, adapter_names)
+        with using(self, adapter_names):
+            return super().__call__(*args, **kwargs)
+
     # -- adapters -------------------------------------------------------------------------------------------
     def add_adapter(
         self, adapter_name: str, config: Any = "seq_bn", overwrite_ok: bool = False, set_active: bool = False
     ) -> None:
         if overwrite_ok and adapter_name in api.list_adapters(self):
+            # build and validate the new adapter first: a config that fails leaves the trained adapter in place
+            staging = _free_name(self, f"{adapter_name}-new")
+            api.inject(self, {staging: config}, activate=False)
             api.remove(self, adapter_name)
+            rename_adapter(self, staging, adapter_name)
+            if set_active:
+                api.activate(self, adapter_name)
+            return
         api.inject(self, {adapter_name: config}, activate=set_active)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -110,43 +132,43 @@ class AdapterModelMixin:
     ) -> None:
         """Save adapter ``adapter_name`` (and its head, or the HF model's head) in fxadapt's format, or with
         ``format="adapterhub"`` / ``"peft"`` in the peer's (a named head is written as AdapterHub's flex head, which
-        ``<Model>AdapterModel.load_adapter`` loads)."""
-        folder = Path(save_directory)
+        ``<Model>AdapterModel.load_adapter`` loads). Adapter and head replace the folder as one unit."""
         heads = self._heads()
         if with_head and adapter_name in heads and format not in ("fxadapt", "adapterhub"):
             raise CheckpointError(
                 f"head {adapter_name!r} cannot be written in the {format!r} format; pass with_head=False, or "
                 "format='adapterhub' (AdapterHub's flex heads)"
             )
-        io.save_adapter(
-            self,
-            folder,
-            adapter_name,
-            with_head=with_head and not heads and bool(api.head_parameters(self)),
-            format=format,
-            **options,
-        )
-        if with_head and adapter_name in heads and format == "adapterhub":
-            from .formats.adapterhub_heads import write_flex_head
+        with atomic_folder(save_directory) as folder:
+            io.save_adapter(
+                self,
+                save_directory,
+                adapter_name,
+                with_head=with_head and not heads and bool(api.head_parameters(self)),
+                format=format,
+                **options,
+            )
+            if with_head and adapter_name in heads and format == "adapterhub":
+                from .formats.adapterhub_heads import write_flex_head
 
-            head = heads[adapter_name]
-            base = getattr(self, "base_model", self)
-            write_flex_head(
-                folder, adapter_name, head.config, head, self, base, bool(options.get("use_safetensors"))
-            )
-        elif with_head and adapter_name in heads:
-            head = heads[adapter_name]
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-                str(folder / HEAD_WEIGHTS),
-            )
-            (folder / HEAD_CONFIG).write_text(
-                json.dumps(
-                    {"format": "fxadapt-head", "name": adapter_name, "config": head.config.to_dict()},
-                    indent=2,
+                head = heads[adapter_name]
+                base = getattr(self, "base_model", self)
+                write_flex_head(
+                    folder, adapter_name, head.config, head, self, base, bool(options.get("use_safetensors"))
                 )
-                + "\n"
-            )
+            elif with_head and adapter_name in heads:
+                head = heads[adapter_name]
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                    str(folder / HEAD_WEIGHTS),
+                )
+                (folder / HEAD_CONFIG).write_text(
+                    json.dumps(
+                        {"format": "fxadapt-head", "name": adapter_name, "config": head.config.to_dict()},
+                        indent=2,
+                    )
+                    + "\n"
+                )
 
     def save_all_adapters(self, save_directory: str | os.PathLike, with_head: bool = True) -> None:
         for name in api.list_adapters(self):
@@ -173,6 +195,9 @@ class AdapterModelMixin:
         flex = None
         if with_head and not own_head and isinstance(self, AdapterModel):
             flex = _adapterhub_head(self, folder)  # checked before the model is touched
+        # the head is read and built before anything changes: a corrupt head leaves the model (and an existing
+        # head of that name) as they were
+        head = self._read_own_head(folder, load_as) if own_head else None
         name = io.load_adapter(
             self,
             folder,
@@ -202,32 +227,33 @@ class AdapterModelMixin:
                 raise CheckpointError(
                     f"loading the AdapterHub head saved with adapter {name!r} failed: {exc}"
                 ) from exc
-        if own_head:
-            try:
-                meta = json.loads(head_file.read_text())
-                config = HeadConfig(**meta["config"])
-                self._add_head(name, config, overwrite_ok=True)
-                self._heads()[name].load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
-            except Exception as exc:
-                api.remove(self, name)
-                if name in self._heads():
-                    self.delete_head(name)
-                raise CheckpointError(f"loading the head saved with adapter {name!r} failed: {exc}") from exc
+        if head is not None:
+            self._install_head(name, head)
         if set_active:
             self._set_active_head([name])
         return name
+
+    def _read_own_head(self, folder: Path, load_as: str | None) -> PredictionHead:
+        from .formats import read_json
+
+        source = str(folder / HEAD_CONFIG)
+        meta = read_json(folder / HEAD_CONFIG)
+        try:
+            config = HeadConfig(**meta["config"])
+            head = self._build_head(config)
+            tensors = load_file(str(folder / HEAD_WEIGHTS))
+            head.load_state_dict(tensors)
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot load the head saved in {source!r} (with {HEAD_WEIGHTS}): {type(exc).__name__}: {exc}"
+            ) from exc
+        return head
 
     # -- heads ----------------------------------------------------------------------------------------------
     def _heads(self) -> nn.ModuleDict:
         return self.__dict__.get("_modules", {}).get("heads") or nn.ModuleDict()
 
-    def _add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False) -> None:
-        heads = self._modules.get("heads")
-        if heads is None:
-            heads = nn.ModuleDict()
-            self.add_module("heads", heads)
-        if name in heads and not overwrite_ok:
-            raise NameCollisionError(f"a head named {name!r} exists; pass overwrite_ok=True to replace it")
+    def _build_head(self, config: HeadConfig) -> PredictionHead:
         cfg = getattr(self, "config", None)
         head = PredictionHead(
             config, cfg.hidden_size, getattr(cfg, "vocab_size", None), getattr(cfg, "pad_token_id", None)
@@ -236,8 +262,21 @@ class AdapterModelMixin:
             getattr(cfg, "is_decoder", False) or getattr(cfg, "model_type", "") in _CAUSAL
         )
         ref = next(self.parameters())
-        heads[name] = head.to(ref.device).train(self.training)
+        return head.to(ref.device).train(self.training)
+
+    def _install_head(self, name: str, head: PredictionHead) -> None:
+        heads = self._modules.get("heads")
+        if heads is None:
+            heads = nn.ModuleDict()
+            self.add_module("heads", heads)
+        heads[name] = head
         self.__dict__["active_head"] = name
+
+    def _add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False) -> None:
+        check_adapter_name(name, "head")
+        if name in self._heads() and not overwrite_ok:
+            raise NameCollisionError(f"a head named {name!r} exists; pass overwrite_ok=True to replace it")
+        self._install_head(name, self._build_head(config))
 
     def add_classification_head(
         self,
@@ -331,6 +370,11 @@ class AdapterModelMixin:
                 return
 
 
+def _free_name(model: nn.Module, base: str) -> str:
+    taken = api.list_adapters(model)
+    return next(f"{base}{i or ''}" for i in range(len(taken) + 1) if f"{base}{i or ''}" not in taken)
+
+
 _CAUSAL = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "phi3", "gemma", "opt", "bloom", "falcon"}
 
 
@@ -338,6 +382,7 @@ class AdapterModel(AdapterModelMixin, nn.Module):
     """A Hugging Face base model (``AutoModel``) with named prediction heads (AdapterHub's ``AutoAdapterModel``)."""
 
     base_model_prefix = "model"
+    _head_from_setup = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -382,13 +427,9 @@ class AdapterModel(AdapterModelMixin, nn.Module):
             "pixel_values": pixel_values,
         }
         inputs = {k: v for k, v in inputs.items() if v is not None} | kwargs
-        if adapter_names is not None:
-            previous = api.active_setup(self)
-            api.activate(self, adapter_names)
-            try:
+        if adapter_names is not None:  # a direct forward(adapter_names=...) call: as model(...) does
+            with using(self, adapter_names):
                 return self.forward(**inputs, labels=labels, head=head or _last_head(self, adapter_names))
-            finally:
-                api.activate(self, previous)
         num_choices = None
         if input_ids is not None and input_ids.dim() == 3:  # multiple choice: [batch, choices, tokens]
             num_choices = input_ids.shape[1]
@@ -458,26 +499,10 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
     return (_rebuild, (type(self)._fxadapt_compat_base,), self.__getstate__())
 
 
-def _adapter_names_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    names = kwargs.pop("adapter_names", None)
-    if names is not None:
-        model.__dict__.setdefault("_fxadapt_setup_stack", []).append(api.active_setup(model))
-        api.activate(model, names)
-    return args, kwargs
-
-
-def _adapter_names_post_hook(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    stack = model.__dict__.get("_fxadapt_setup_stack")
-    if stack:
-        api.activate(model, stack.pop())
-
-
 def init(model: nn.Module) -> nn.Module:
     """Give an HF model AdapterHub's methods (``add_adapter``, ``train_adapter``, ``set_active_adapters``,
     heads, ``save_all_adapters``, ``model(..., adapter_names=...)``), in place; returns the model."""
     if isinstance(model, AdapterModelMixin):
         return model
     model.__class__ = _subclass(type(model))
-    model.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True, prepend=True)
-    model.register_forward_hook(_adapter_names_post_hook, with_kwargs=True, always_call=True)
     return model

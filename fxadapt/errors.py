@@ -9,14 +9,17 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "AdapterIdsError",
     "AdapterNotFoundError",
     "CaptureError",
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigFieldError",
     "FxAdaptError",
     "NameCollisionError",
     "NotMergeableError",
+    "SavePathError",
     "SiteNotFoundError",
     "nearest",
 ]
@@ -28,6 +31,10 @@ class FxAdaptError(Exception):
 
 class ConfigError(FxAdaptError, ValueError):
     """An adapter config or spec holds an invalid value."""
+
+
+class ConfigFieldError(ConfigError, TypeError):
+    """A config was given a keyword it does not have (``BottleneckConfig(reduction=16)``) or a positional argument."""
 
 
 class SiteNotFoundError(FxAdaptError, LookupError):
@@ -55,6 +62,14 @@ class CompositionError(FxAdaptError, ValueError):
 
 class CheckpointError(FxAdaptError, ValueError):
     """A saved adapter cannot be loaded into this model (mismatch, corrupt file, bad config)."""
+
+
+class AdapterIdsError(CompositionError, TypeError):
+    """Per-row ``adapter_ids`` that cannot route a batch: not integers, out of range, or not one per row."""
+
+
+class SavePathError(FxAdaptError, FileExistsError):
+    """A checkpoint cannot be saved at this path (it is a file, or lies inside one)."""
 
 
 class NotMergeableError(FxAdaptError, TypeError):

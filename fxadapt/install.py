@@ -12,6 +12,7 @@ to the untouched one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,13 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calls import current_plan
 from .capture import Capture, SizeGuardMiss, flatten_call, guard_key, trace_layer
 from .rewrite import LayerPlan, build_runner
+from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
+from .tracing import serialized
 
 __all__ = ["LayerState", "install", "is_installed", "layer_state", "uninstall"]
 
 _STATE = "_fxadapt_layer"
+_ORDER = threading.Lock()  # reordering a layer's runners (most recently used first)
 _SUBCLASSES: dict[type, type] = {}
 
 
@@ -52,6 +57,8 @@ class LayerState:
     notes: list[str] = field(default_factory=list)  # lowering notes of the last compiled specialisation
     # compiled code per plan seen (a few): switching back to a setup reuses its code
     compiled: dict[Any, dict] = field(default_factory=dict)
+    # serve: (plan, runners) as one value, so a call racing activate() never pairs one plan with another's code
+    active: tuple[LayerPlan, dict] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # generated code and graphs are cheap to rebuild and not picklable: drop them
@@ -73,7 +80,12 @@ class LayerState:
     def set_plan(self, plan: LayerPlan) -> None:
         if plan == self.plan and plan:
             return
-        self.plan = plan
+        runners = self.runners_for(plan)
+        self.plan, self.runners = plan, runners
+        self.active = (plan, runners)
+
+    def runners_for(self, plan: LayerPlan) -> dict:
+        """The compiled code of ``plan`` (shared by the active setup and per-call setups, ``calls.py``)."""
         from .kernels import backend_mode
 
         try:
@@ -82,8 +94,8 @@ class LayerState:
             key = repr(plan)
         key = (key, backend_mode())  # lowering to fused kernels depends on the kernel backend
         if key not in self.compiled and len(self.compiled) >= 16:
-            self.compiled.pop(next(iter(self.compiled)))
-        self.runners = self.compiled.setdefault(key, {})
+            self.compiled.pop(next(iter(self.compiled)), None)
+        return self.compiled.setdefault(key, {})
 
     def add_traced(self, key: tuple, traced: Traced) -> None:
         self.traced.setdefault(key, []).append(traced)
@@ -92,7 +104,7 @@ class LayerState:
         self, layer: nn.Module, key: tuple, leaves: list[Any], exclude: tuple[Capture, ...] = ()
     ) -> Traced | None:
         for traced in self.traced.get(key, ()):
-            if traced.capture not in exclude and traced.capture.guards_hold(layer, leaves):
+            if not any(c is traced.capture for c in exclude) and traced.capture.guards_hold(layer, leaves):
                 return traced
         return None
 
@@ -108,18 +120,37 @@ class LayerState:
         traced = self.find_traced(layer, key, leaves, exclude)
         if traced is None:
             # a new kind of call at run time: verified against the values computed while tracing it
-            capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
+            # serve: tracing and verification must not advance BatchNorm statistics
+            with preserved_buffers(layer):
+                capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
             traced = Traced(capture, find_sites(layer, capture.graph, self.model_type))
             self.add_traced(key, traced)
         return traced
 
-    def run(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]) -> Any:
+    def runner_for(
+        self,
+        layer: nn.Module,
+        key: tuple,
+        leaves: list[Any],
+        runners: dict | None = None,
+        exclude: tuple[Capture, ...] = (),
+    ) -> Callable[..., Any] | None:
+        for capture, runner, _ in (self.runners if runners is None else runners).get(key, ()):
+            if any(c is capture for c in exclude):
+                continue
+            if not capture.value_guards or capture.guards_hold(layer, leaves):
+                return runner
+        return None
+
+    def run(
+        self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any], plan, runners
+    ) -> Any:
         """Run the generated code for this call, building it first if this kind of call is new. Captures that
         baked a branch on sizes raise :class:`SizeGuardMiss` for a call taking the other branch: the next
         capture is tried, or a new one traced."""
         missed: list[Capture] = []
-        entries = self.runners.get(key, ())
-        for i, (capture, runner, _) in enumerate(entries):
+        entries = runners.get(key, ())
+        for i, (capture, runner, _) in enumerate(list(entries)):
             if capture.value_guards and not capture.guards_hold(layer, leaves):
                 continue
             if not capture.size_guards:
@@ -130,9 +161,11 @@ class LayerState:
                 missed.append(capture)
                 continue
             if i:  # most recently used first: alternating branches cost one miss, not many
-                entries.insert(0, entries.pop(i))
+                with _ORDER:
+                    if entries and i < len(entries) and entries[i][0] is capture:
+                        entries.insert(0, entries.pop(i))
             return out
-        runner = self.build(layer, args, kwargs, key, leaves, tuple(missed))
+        runner = self.build(layer, args, kwargs, key, leaves, plan, runners, tuple(missed))
         return runner(layer, leaves)
 
     @torch.compiler.disable
@@ -143,27 +176,35 @@ class LayerState:
         kwargs: dict,
         key: tuple,
         leaves: list[Any],
+        plan: LayerPlan | None = None,
+        runners: dict | None = None,
         exclude: tuple[Capture, ...] = (),
     ):
-        traced = self.trace(layer, args, kwargs, key, leaves, exclude)
-        notes: list[str] = []
-        runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
-        self.runners.setdefault(key, []).append((traced.capture, runner, source))
-        self.notes = notes
+        plan, runners = (self.plan, self.runners) if plan is None else (plan, runners)
+        with serialized():  # serve: one capture per new guard key; concurrent callers wait for it
+            runner = self.runner_for(layer, key, leaves, runners, exclude)
+            if runner is not None:  # another thread built it while this one waited
+                return runner
+            traced = self.trace(layer, args, kwargs, key, leaves, exclude)
+            notes: list[str] = []
+            runner, source = build_runner(layer, traced.capture, traced.report, plan, notes)
+            runners.setdefault(key, []).append((traced.capture, runner, source))
+            self.notes = notes
         return runner
 
-    def warm(self, layer: nn.Module) -> None:
+    def warm(self, layer: nn.Module, plan: LayerPlan | None = None, runners: dict | None = None) -> None:
         """Compile the plan for every known capture now: an invalid plan fails at activation time, and a compiled
         model (torch.compile) finds generated code ready after a setup switch instead of building it mid-graph."""
-        if not self.plan:
+        plan, runners = (self.plan, self.runners) if plan is None else (plan, runners)
+        if not plan:
             return
-        for key, traced_list in self.traced.items():
+        for key, traced_list in list(self.traced.items()):
             for traced in traced_list:
-                if any(capture is traced.capture for capture, _, _ in self.runners.get(key, ())):
+                if any(capture is traced.capture for capture, _, _ in runners.get(key, ())):
                     continue
                 notes: list[str] = []
-                runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
-                self.runners.setdefault(key, []).append((traced.capture, runner, source))
+                runner, source = build_runner(layer, traced.capture, traced.report, plan, notes)
+                runners.setdefault(key, []).append((traced.capture, runner, source))
                 self.notes = notes
 
     def sources(self) -> list[str]:
@@ -181,11 +222,12 @@ def is_installed(layer: nn.Module) -> bool:
 
 def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: LayerState = self.__dict__[_STATE]
-    if not state.plan:
+    plan, runners = current_plan(state)  # serve: a per-call setup (fxadapt.using) wins over the active one
+    if not plan:
         return state.orig_class.forward(self, *args, **kwargs)
     leaves, spec = flatten_call(args, kwargs)
     key = guard_key(self, leaves, spec)
-    return state.run(self, args, kwargs, key, leaves)
+    return state.run(self, args, kwargs, key, leaves, plan, runners)
 
 
 def _rebuild(orig_class: type) -> nn.Module:

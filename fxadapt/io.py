@@ -29,8 +29,15 @@ from torch import nn
 
 from . import __version__
 from .api import activate as fxadapt_activate
-from .api import active_adapters, adapter_state, head_parameters, inject, remove
-from .errors import CheckpointError, ConfigError, FxAdaptError
+from .api import (
+    active_setup,
+    adapter_state,
+    head_parameters,
+    inject,
+    remove,
+)
+from .atomic import atomic_folder
+from .errors import CheckpointError, ConfigError, FxAdaptError, nearest
 from .methods.base import config_from_dict
 from .model import CONTAINER, get_state, layers_of
 
@@ -105,8 +112,6 @@ def save_adapter(
             "num_labels": getattr(config, "num_labels", None),
             "id2label": {str(k): v for k, v in (getattr(config, "id2label", None) or {}).items()},
         }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": "fxadapt",
         "fxadapt_version": __version__,
@@ -116,25 +121,47 @@ def save_adapter(
         "sites": {str(i): list(k) for i, k in sorted(record.placements.items())},
         "head": head_info,
     }
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    if head_tensors:
-        save_file(head_tensors, str(out / HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return out
+    with atomic_folder(directory) as out:  # the folder is replaced as a unit once every file is written
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        if head_tensors:
+            save_file(head_tensors, str(out / HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(
-            f"no {path.name} in {str(path.parent)!r}; expected a folder written by save_adapter"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data
+    from .formats import read_json
+
+    return read_json(path, "; expected a folder written by save_adapter")
+
+
+# the fields of adapter_config.json and the JSON types each may have (None: the field may be null)
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "fxadapt_version": (str, type(None)),
+    "name": (str, type(None)),
+    "config": (dict,),
+    "base_model": (dict, type(None)),
+    "sites": (dict, type(None)),
+    "head": (dict, type(None)),
+}
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    for key, types in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], types):
+            expected = " or ".join(
+                "null" if t is type(None) else {dict: "an object"}.get(t, t.__name__) for t in types
+            )
+            raise CheckpointError(
+                f"{str(path)!r}: field {key!r} is {meta[key]!r} ({type(meta[key]).__name__}); expected {expected}"
+            )
+    for key in ("hidden_size", "num_layers"):
+        value = (meta.get("base_model") or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(
+                f"{str(path)!r}: base_model.{key} is {value!r}; expected an integer or null"
+            )
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -193,7 +220,9 @@ def load_adapter(
         raise CheckpointError(
             f"{str(folder / CONFIG_NAME)!r} is not an fxadapt adapter config (unknown keys {unknown}, "
             f"format={meta.get('format')!r}); expected keys {sorted(_META_KEYS)} with format 'fxadapt'"
+            f"{nearest(unknown[0], _META_KEYS) if unknown else ''}"
         )
+    _check_meta(meta, folder / CONFIG_NAME)
     try:
         config = config_from_dict(meta["config"])
     except ConfigError as exc:
@@ -212,7 +241,19 @@ def load_adapter(
             )
     tensors = _read_weights(folder / WEIGHTS_NAME)
     head_tensors = None
-    if load_head and (folder / HEAD_WEIGHTS_NAME).exists():
+    has_head = meta.get("head") is not None
+    if (folder / HEAD_WEIGHTS_NAME).exists() and not has_head:
+        logger.warning(
+            "%s: %s is not part of this checkpoint (its config records no head); not loading it",
+            folder,
+            HEAD_WEIGHTS_NAME,
+        )
+    elif has_head and load_head and not (folder / HEAD_WEIGHTS_NAME).exists():
+        raise CheckpointError(
+            f"{str(folder / CONFIG_NAME)!r} records a saved head, but {HEAD_WEIGHTS_NAME} is missing beside it; "
+            "restore the file or pass load_head=False"
+        )
+    if load_head and has_head:
         if head_parameters(model):
             head_tensors = _read_weights(folder / HEAD_WEIGHTS_NAME)
             _check_head(model, head_tensors)
@@ -223,7 +264,7 @@ def load_adapter(
                 adapter_name,
             )
 
-    previous_active = active_adapters(model)
+    previous_active = active_setup(model)  # the setup itself: a Parallel or Fuse is not a list of its names
     inject(model, {adapter_name: config}, example_inputs=example_inputs, activate=activate)
 
     def undo() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calls import using
 from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer
 from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
@@ -21,6 +22,7 @@ from .methods.base import AdapterConfig
 from .parts import governing_config
 from .progress import track
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
+from .rollback import preserved_buffers
 from .sites import find_sites
 
 __all__ = [
@@ -227,6 +229,13 @@ def prime(
 ) -> list[tuple[tuple, Traced]]:
     """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced)."""
     inputs = prepare_inputs(model, example_inputs)
+    # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
+    # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
+    with preserved_buffers(model), using(model, None):
+        return _prime(model, layers, inputs)
+
+
+def _prime(model: nn.Module, layers: list[nn.Module], inputs: Any) -> list[tuple[tuple, Traced]]:
     with torch.random.fork_rng(devices=[]):
         calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
     out = []

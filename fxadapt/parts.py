@@ -259,16 +259,18 @@ def detach_hooks(model: nn.Module, name: str) -> None:
 
 def active_parts(model: nn.Module, part: str) -> list[tuple[str, nn.Module]]:
     """``(adapter name, module)`` of part ``part`` for the active setup's adapters that have it, in setup order."""
+    from .calls import effective_setup
     from .model import CONTAINER, get_state, layers_of
     from .rewrite import site_key
 
     state = get_state(model)
-    if state is None or state.active is None:
+    setup = effective_setup(model, state)  # a per-call setup (fxadapt.using) or the active one
+    if setup is None:
         return []
     key = site_key(part)
     _, layers = layers_of(model)
     out = []
-    for name in state.active.names():
+    for name in setup.names():
         record = state.adapters.get(name)
         if record is None:
             continue

@@ -229,6 +229,13 @@ def lowering(capture: Capture) -> tuple[bool, str]:
     return can_use_triton(probe)
 
 
+def _one_rule_per_row(setup: Any, methods: dict[str, Any]) -> bool:
+    """Under PerRow each row runs one adapter, so methods that share one site rule (LoRA and (IA)^3) may mix."""
+    from .compose import PerRow
+
+    return isinstance(setup, PerRow) and len({type(m).compose_site for m in methods.values()}) == 1
+
+
 def build_runner(
     layer: nn.Module, capture: Capture, report: SiteReport, plan: LayerPlan, notes: list | None = None
 ):
@@ -257,6 +264,8 @@ def build_runner(
                 f"Opaque submodules: {list(capture.leaves) or 'none'}"
             )
         methods = {method_for(ref.config).name: method_for(ref.config) for ref in site_plan.adapters}
+        if len(methods) > 1 and _one_rule_per_row(plan.setup, methods):  # serve: LoRA and (IA)^3 rows mix
+            methods = dict([next(iter(methods.items()))])
         if len(methods) > 1:
             raise CompositionError(
                 f"adapters of different methods {sorted(methods)} are active at site {site_plan.site!r}; "

@@ -221,6 +221,7 @@ def _edit(folder, **changes):
             {"config": {"architecture": "lora", "use_dora": True}},
             r"keys that map to no site",
         ),  # bottleneck keys
+        (
             {"config": {"architecture": "lora", "use_gating": True, "use_dora": True}},
             r"use_gating=True.*DoRA",
         ),

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +57,20 @@ CONFIG_NAME = "adapter_config.json"
 # files
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, missing: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`CheckpointError` (naming the file) when it is missing, not JSON, nested
+    too deeply to read, or not an object. ``missing`` adds a hint to the missing-file message."""
     if not path.is_file():
-        raise CheckpointError(f"missing {path.name} in {str(path.parent)!r}")
+        raise CheckpointError(f"missing {path.name} in {str(path.parent)!r}{missing}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is nested too deeply to read (over {sys.getrecursionlimit()} levels); an adapter "
+            "config is a few levels deep: the file is corrupt or not an adapter config"
+        ) from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -75,6 +83,15 @@ def read_tensors(folder: Path, safetensors_name: str, pickle_name: str) -> dict[
     that needs anything else (a custom class, a function) could run arbitrary code and is refused.
     """
     safe, pickled = folder / safetensors_name, folder / pickle_name
+    if safe.is_file() and pickled.is_file():
+        logger.warning(
+            "%s holds two weight files for the same thing, %s and %s: loading %s (safetensors is preferred, as in "
+            "the peer libraries); delete the other one to silence this",
+            folder,
+            safetensors_name,
+            pickle_name,
+            safetensors_name,
+        )
     if safe.is_file():
         try:
             return load_file(str(safe))
@@ -441,4 +458,8 @@ def save(
         from ..errors import nearest
 
         raise ConfigError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}{nearest(fmt, FORMATS)}")
-    return write_adapter(model, Path(directory), name, with_head=with_head, **options)
+    from ..atomic import atomic_folder
+
+    with atomic_folder(directory) as out:  # replaced as a unit once adapter (and head) files are written
+        write_adapter(model, out, name, with_head=with_head, **options)
+    return Path(directory)

@@ -468,7 +468,6 @@ def _write(
 ) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     if use_safetensors:
         save_file(tensors, str(folder / files[1]), metadata={"format": "pt"})
@@ -776,9 +775,11 @@ def save_adapter_fusion(
         home = _home(model_type, kind, state.adapters[record.children[0]].sites[(index, kind)].producer)
         tensors[f"{layers.saved_path(index, home)}.adapter_fusion_layer.{fuse.name}.{pname}"] = p
     meta = {**_meta(model, fuse.name, record.config.to_dict()), "adapter_names": list(fuse.children)}
-    folder = Path(directory)
-    _write(folder, FUSION_FILES, meta, tensors, use_safetensors)
-    return folder
+    from ..atomic import atomic_folder
+
+    with atomic_folder(directory) as out:
+        _write(out, FUSION_FILES, meta, tensors, use_safetensors)
+    return Path(directory)
 
 
 # ------------------------------------------------------------------------------------------------------------

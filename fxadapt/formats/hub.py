@@ -68,9 +68,19 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
     )
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
+
+
 def _index(model_name: str, cache_dir: str | os.PathLike | None) -> dict[str, Any]:
     """The archived AdapterHub index for ``model_name`` (cached under ``<cache>/adapterhub-index/``)."""
-    path = _cache_root(cache_dir) / INDEX_FOLDER / f"{model_name}.json"
+    if not _HUB_NAME.fullmatch(model_name) or ".." in model_name or Path(model_name).is_absolute():
+        raise CheckpointError(
+            f"legacy AdapterHub ids are looked up by the base model's hub name (like 'bert-base-uncased'), but "
+            f"this model's name_or_path is {model_name!r}, a local path; use the adapter's hub repo id "
+            "'AdapterHub/<adapter>' or the direct form '@<org>/<adapter>' instead"
+        )
+    root = _cache_root(cache_dir) / INDEX_FOLDER
+    path = root / f"{model_name}.json"
     if not path.is_file():
         if _offline():
             raise CheckpointError(
@@ -83,11 +93,13 @@ def _index(model_name: str, cache_dir: str | os.PathLike | None) -> dict[str, An
                 data = response.read()
         except OSError as exc:
             raise CheckpointError(f"cannot download the AdapterHub index for {model_name!r}: {exc}") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        from ..atomic import atomic_file
+
+        with atomic_file(path) as tmp:  # concurrent loaders never read a half-written index
+            tmp.write_bytes(data)
     try:
         index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"the AdapterHub index {str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(index, dict):
         raise CheckpointError(f"the AdapterHub index {str(path)!r} must hold a JSON object")
@@ -152,6 +164,10 @@ def resolve(
 ) -> Path:
     """The local folder holding the adapter named by ``path_or_id`` (see the module docstring)."""
     path = Path(path_or_id)
+    if not path.exists():
+        from ..atomic import recover
+
+        recover(path)  # a save interrupted between its two renames leaves the previous folder as a backup
     if path.is_dir():
         return path
     identifier = str(path_or_id)

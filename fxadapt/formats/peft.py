@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..methods.lora_outside import MODEL_PREFIX
 from ..graphs import is_linear_like
+from ..methods.lora_outside import MODEL_PREFIX
 from . import LayerPaths, Translated, listed, ordered, read_json, read_tensors, site_reports
 from .peft_prompts import KINDS as PROMPT_KINDS
 
@@ -384,7 +384,6 @@ def write_adapter(model: nn.Module, folder: Path, name: str, *, with_head: bool 
         }
     import json
 
-    folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
         str(folder / WEIGHTS_NAME),

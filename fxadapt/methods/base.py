@@ -81,6 +81,13 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        # serve: unknown keywords / scalars for sequence fields raise typed errors naming the field (fields.py)
+        from .fields import check_config_call
+
+        check_config_call(cls, args, kwargs)
+        return super().__new__(cls)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"method": ..., <fields>}``; tuples become lists, nested configs their dicts."""
 

@@ -289,9 +289,8 @@ def _per_row_site(e, site, setup: PerRow, plan) -> None:
     with e.after(site.output, *site.extra):
         x = _residual_input(e, site, refs.values())
         state = composer._pre_forward(first, _State(h, x, x, None, None))[0]
-        device = e.function(getattr, (h, "device"))
-        ids = e.function(
-            route_ids, (e.function(current_ids, (device,)), tuple(n in refs for n in setup.children))
+        ids = e.function(  # current_ids(h): the call's ids, checked against h's batch (serve)
+            route_ids, (e.function(current_ids, (h,)), tuple(n in refs for n in setup.children))
         )
         modules = [e.attr(refs[n].target) for n in setup.children if n in refs]
         residual = state.residual if not configs[0].is_parallel else None

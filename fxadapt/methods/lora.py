@@ -693,8 +693,12 @@ class LoRAMethod(Method):
             self._compose_call(emitter, at, setup, plan)
 
     def _compose_call(self, emitter, site, setup, plan) -> None:
-        from ..compose import Stack
+        from ..compose import PerRow, Stack
 
+        if isinstance(setup, PerRow):  # each row its own LoRA / (IA)^3 (lora_rows.py)
+            from .lora_rows import compose_per_row
+
+            return compose_per_row(emitter, site, setup, plan)
         if isinstance(setup, Stack) and len(plan.adapters) == 1:
             return super().compose_site(emitter, site, setup, plan)  # the single-adapter rule below
         flat = isinstance(setup, Stack) and all(isinstance(c, str) for c in setup.children)

@@ -16,12 +16,12 @@ prompts.
 from __future__ import annotations
 
 import dataclasses
-from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..calls import HookScope
 from ..errors import ConfigError
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -29,7 +29,7 @@ __all__ = ["PromptTuningConfig"]
 
 _COMBINES = ("prefix", "prefix_after_bos")
 _PLACEMENTS = ("input", "embeddings_output")
-_INSERT: ContextVar[bool] = ContextVar("fxadapt_prompt_insert", default=True)
+_INSERT_CALL = HookScope("fxadapt_prompt_insert", default=True)  # pre-hook -> post-hook, per thread/task
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,6 +121,7 @@ def _extend(t: torch.Tensor, extra: int, value: int, combine: str) -> torch.Tens
 def _model_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     prompts = _active_prompts(model)
     if not prompts:
+        _INSERT_CALL.enter(False)  # serve: entered on every call, so the post-hook's exit always matches
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     insert = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
@@ -140,7 +141,7 @@ def _model_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     if placements == {
         "embeddings_output"
     }:  # AdapterHub's: the embed hook inserts it; positions stay the tokens'
-        model.__dict__["_fxadapt_prompt_token"] = _INSERT.set(insert)
+        _INSERT_CALL.enter(insert)  # serve: per thread/task, not a token kept on the (shared) model
         return args, kwargs
     types = kwargs.get("token_type_ids")
     if insert and isinstance(types, torch.Tensor) and types.dim() == 2:
@@ -159,29 +160,27 @@ def _model_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     if insert and embed is not None and ids is not None and kwargs.get("inputs_embeds") is None:
         # the embedding module is the input embedding: insert the prompt into inputs_embeds, so that the model
         # derives every length (positions, masks, caches) from the prompted sequence
-        token = _INSERT.set(False)  # our own embedding call must not trigger the embedding hook
+        token = _INSERT_CALL.var.set(False)  # our own embedding call must not trigger the embedding hook
         try:
             hidden = embed(ids)
         finally:
-            _INSERT.reset(token)
+            _INSERT_CALL.var.reset(token)
         for prompt in prompts:
             hidden = prompt(hidden)
         kwargs.pop("input_ids", None)
         args = tuple(a for a in args if a is not ids)
         kwargs["inputs_embeds"] = hidden
         insert = False  # done here, not in the embedding hook
-    model.__dict__["_fxadapt_prompt_token"] = _INSERT.set(insert)
+    _INSERT_CALL.enter(insert)  # serve: per thread/task, not a token kept on the (shared) model
     return args, kwargs
 
 
 def _model_post_hook(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    token = model.__dict__.pop("_fxadapt_prompt_token", None)
-    if token is not None:
-        _INSERT.reset(token)
+    _INSERT_CALL.exit()
 
 
 def _embed_hook(root: nn.Module, module: nn.Module, args: tuple, output: Any) -> Any:
-    if not _INSERT.get() or not isinstance(output, torch.Tensor) or output.dim() != 3:
+    if not _INSERT_CALL.get() or not isinstance(output, torch.Tensor) or output.dim() != 3:
         return None
     for prompt in _active_prompts(root):
         output = prompt(output)

@@ -92,7 +92,9 @@ SETUPS = [
     fxadapt.Stack("a", "c"),
     fxadapt.Fuse("a", "b"),
     fxadapt.Fuse("a", "b", "d"),
-    fxadapt.Stack("d", fxadapt.Fuse("a", "b")),  # AdapterHub needs every adapter at every site for Stack + Fuse
+    fxadapt.Stack(
+        "d", fxadapt.Fuse("a", "b")
+    ),  # AdapterHub needs every adapter at every site for Stack + Fuse
     fxadapt.Parallel("a", "b"),
     fxadapt.BatchSplit("a", "b", batch_sizes=[1, 1]),
     fxadapt.Split("a", "b", splits=[3, 4]),
