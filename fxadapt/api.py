@@ -18,12 +18,13 @@ from .errors import (
     AdapterNotFoundError,
     CompositionError,
     ConfigError,
+    FxAdaptError,
     NameCollisionError,
     SiteNotFoundError,
 )
 from .explain import explain
 from .fusion import AdapterFusion, FusionConfig, fusion_config
-from .install import install, layer_state, uninstall
+from .install import Siblings, install, layer_state, uninstall
 from .methods.base import AdapterConfig, method_for, preset
 from .model import (
     CONTAINER,
@@ -36,6 +37,7 @@ from .model import (
     model_type_of,
     plan_for,
     prime,
+    prime_variants,
     set_state,
 )
 from .parts import (
@@ -149,6 +151,13 @@ def inject(
         staged.extend((index, name, kind, module) for (index, kind), module in placed.modules.items())
         records[name] = AdapterRecord(config, placed.placements, placed.sites, members=placed.members)
 
+    # the other common kinds of call (mask/no mask, train/eval), captured now: one trace per layer class each
+    try:
+        variants = prime_variants(model, layers, example_inputs)
+    except FxAdaptError:  # traced lazily at the first such call instead
+        variants = []
+    siblings = next((ls.siblings for ls in map(layer_state, layers) if ls is not None), None) or Siblings()
+
     # commit, with rollback
     new_state = state is None
     if state is None:
@@ -162,10 +171,10 @@ def inject(
             layer = layers[index]
             if layer_state(layer) is None:
                 installed_now.append(layer)
-            lstate = install(layer, index, model_type_of(model))
-            key, traced = primed[index]
-            if lstate.find_traced(layer, key, []) is None and not traced.capture.value_guards:
-                lstate.add_traced(key, traced)
+            lstate = install(layer, index, model_type_of(model), siblings)
+            for key, traced in [primed[index]] + [v[index] for v in variants]:
+                if lstate.find_traced(layer, key, []) is None and not traced.capture.value_guards:
+                    lstate.add_traced(key, traced)
             container = layer._modules.get(CONTAINER)
             if container is None:
                 container = nn.ModuleDict()

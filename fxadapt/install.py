@@ -21,23 +21,90 @@ import torch
 from torch import nn
 
 from .calls import current_plan
-from .capture import Capture, SizeGuardMiss, flatten_call, guard_key, trace_layer
+from .capture import (
+    Capture,
+    SizeGuardMiss,
+    flatten_call,
+    guard_key,
+    layer_signature,
+    trace_layer,
+    verify_shared,
+)
+from .errors import CaptureError
+from .guards import hook_count, hook_dicts
 from .rewrite import LayerPlan, build_runner
 from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
 from .tracing import serialized
 
-__all__ = ["LayerState", "install", "is_installed", "layer_state", "uninstall"]
+__all__ = [
+    "LayerState",
+    "Siblings",
+    "Traced",
+    "install",
+    "is_installed",
+    "layer_state",
+    "plan_key",
+    "uninstall",
+]
 
 _STATE = "_fxadapt_layer"
 _ORDER = threading.Lock()  # reordering a layer's runners (most recently used first)
 _SUBCLASSES: dict[type, type] = {}
 
 
-@dataclass
+@dataclass(eq=False)
 class Traced:
+    """A capture with its sites, and its generated code per plan (shared by every sibling layer using it)."""
+
     capture: Capture
     report: SiteReport
+    compiled: dict[Any, tuple[Callable[..., Any], str, list[str]]] = field(default_factory=dict)
+
+    def runner(self, layer: nn.Module, plan: LayerPlan) -> tuple[Callable[..., Any], str, list[str]]:
+        """``(runner, source, lowering notes)`` of ``plan`` on this capture, built once for all layers sharing it
+        (the generated code names modules by their path inside the layer, so siblings run the same code)."""
+        key = plan_key(plan)
+        entry = self.compiled.get(key)
+        if entry is None:
+            notes: list[str] = []
+            runner, source = build_runner(layer, self.capture, self.report, plan, notes)
+            entry = self.compiled[key] = (runner, source, notes)
+        return entry
+
+
+def plan_key(plan: LayerPlan) -> Any:
+    """A dict key for ``plan`` under the current kernel backend (lowering to fused kernels depends on it)."""
+    from .kernels import backend_mode
+
+    try:
+        key: Any = hash(plan) and plan
+    except TypeError:  # a config with a mapping field: key by its text
+        key = repr(plan)
+    return (key, backend_mode())
+
+
+class Siblings:
+    """The captures of one model's layers by (layer class, guard key): a layer whose structure and read attributes
+    match an existing capture (``Capture.fits``) reuses it after checking it against its own eager call."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple, list[Traced]] = {}
+
+    def add(self, orig: type, key: tuple, traced: Traced) -> None:
+        entries = self.by_key.setdefault((orig, key), [])
+        if all(t is not traced for t in entries):
+            entries.append(traced)
+
+    def find(self, orig: type, key: tuple, layer: nn.Module, leaves: list[Any]) -> Traced | None:
+        entries = self.by_key.get((orig, key), ())
+        if not entries:
+            return None
+        signature = layer_signature(layer)
+        for traced in entries:
+            if traced.capture.fits(layer, signature) and traced.capture.guards_hold(layer, leaves):
+                return traced
+        return None
 
 
 @dataclass
@@ -59,6 +126,14 @@ class LayerState:
     compiled: dict[Any, dict] = field(default_factory=dict)
     # serve: (plan, runners) as one value, so a call racing activate() never pairs one plan with another's code
     active: tuple[LayerPlan, dict] | None = None
+    siblings: Siblings = field(default_factory=Siblings)  # shared by the model's layers (install)
+    _hooks: tuple[dict, ...] | None = None
+
+    def hooks(self, layer: nn.Module) -> int:
+        """How many hooks the traced-through submodules have now (their hook dicts are found once)."""
+        if self._hooks is None:
+            self._hooks = hook_dicts(layer)
+        return hook_count(self._hooks)
 
     def __getstate__(self) -> dict[str, Any]:
         # generated code and graphs are cheap to rebuild and not picklable: drop them
@@ -75,7 +150,10 @@ class LayerState:
     def __deepcopy__(self, memo: dict) -> LayerState:
         import copy
 
-        return LayerState(self.orig_class, self.index, self.model_type, copy.deepcopy(self.plan, memo))
+        siblings = memo.setdefault(id(self.siblings), Siblings())  # shared by the copied model's layers
+        return LayerState(
+            self.orig_class, self.index, self.model_type, copy.deepcopy(self.plan, memo), siblings=siblings
+        )
 
     def set_plan(self, plan: LayerPlan) -> None:
         if plan == self.plan and plan:
@@ -86,19 +164,16 @@ class LayerState:
 
     def runners_for(self, plan: LayerPlan) -> dict:
         """The compiled code of ``plan`` (shared by the active setup and per-call setups, ``calls.py``)."""
-        from .kernels import backend_mode
-
-        try:
-            key: Any = hash(plan) and plan
-        except TypeError:  # a config with a mapping field: key by its text
-            key = repr(plan)
-        key = (key, backend_mode())  # lowering to fused kernels depends on the kernel backend
+        key = plan_key(plan)
         if key not in self.compiled and len(self.compiled) >= 16:
             self.compiled.pop(next(iter(self.compiled)), None)
         return self.compiled.setdefault(key, {})
 
     def add_traced(self, key: tuple, traced: Traced) -> None:
-        self.traced.setdefault(key, []).append(traced)
+        entries = self.traced.setdefault(key, [])
+        if all(t is not traced for t in entries):
+            entries.append(traced)
+        self.siblings.add(self.orig_class, key, traced)
 
     def find_traced(
         self, layer: nn.Module, key: tuple, leaves: list[Any], exclude: tuple[Capture, ...] = ()
@@ -119,11 +194,21 @@ class LayerState:
     ) -> Traced:
         traced = self.find_traced(layer, key, leaves, exclude)
         if traced is None:
-            # a new kind of call at run time: verified against the values computed while tracing it
+            # a new kind of call at run time: a sibling's capture if one fits (checked against this layer's eager
+            # call), else traced and verified against the values computed while tracing it
             # serve: tracing and verification must not advance BatchNorm statistics
             with preserved_buffers(layer):
-                capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
-            traced = Traced(capture, find_sites(layer, capture.graph, self.model_type))
+                traced = self.siblings.find(self.orig_class, key, layer, leaves)
+                if traced is not None and not any(c is traced.capture for c in exclude):
+                    try:
+                        verify_shared(layer, self.orig_class.forward, traced.capture, args, kwargs)
+                    except CaptureError:
+                        traced = None
+                else:
+                    traced = None
+                if traced is None:
+                    capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
+                    traced = Traced(capture, find_sites(layer, capture.graph, self.model_type))
             self.add_traced(key, traced)
         return traced
 
@@ -186,8 +271,7 @@ class LayerState:
             if runner is not None:  # another thread built it while this one waited
                 return runner
             traced = self.trace(layer, args, kwargs, key, leaves, exclude)
-            notes: list[str] = []
-            runner, source = build_runner(layer, traced.capture, traced.report, plan, notes)
+            runner, source, notes = traced.runner(layer, plan)
             runners.setdefault(key, []).append((traced.capture, runner, source))
             self.notes = notes
         return runner
@@ -202,8 +286,7 @@ class LayerState:
             for traced in traced_list:
                 if any(capture is traced.capture for capture, _, _ in runners.get(key, ())):
                     continue
-                notes: list[str] = []
-                runner, source = build_runner(layer, traced.capture, traced.report, plan, notes)
+                runner, source, notes = traced.runner(layer, plan)
                 runners.setdefault(key, []).append((traced.capture, runner, source))
                 self.notes = notes
 
@@ -226,7 +309,7 @@ def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not plan:
         return state.orig_class.forward(self, *args, **kwargs)
     leaves, spec = flatten_call(args, kwargs)
-    key = guard_key(self, leaves, spec)
+    key = guard_key(self, leaves, spec, state.hooks(self))
     return state.run(self, args, kwargs, key, leaves, plan, runners)
 
 
@@ -260,12 +343,15 @@ def fxadapt_class(orig: type) -> type:
     return sub
 
 
-def install(layer: nn.Module, index: int, model_type: str | None = None) -> LayerState:
-    """Swap ``layer``'s class for its fxadapt subclass (idempotent) and return its state."""
+def install(
+    layer: nn.Module, index: int, model_type: str | None = None, siblings: Siblings | None = None
+) -> LayerState:
+    """Swap ``layer``'s class for its fxadapt subclass (idempotent) and return its state. Layers of one model
+    share ``siblings`` (their captures by class and guard key)."""
     state = layer_state(layer)
     if state is None:
         orig = type(layer)
-        state = LayerState(orig, index, model_type)
+        state = LayerState(orig, index, model_type, siblings=siblings if siblings is not None else Siblings())
         layer.__dict__[_STATE] = state
         layer.__class__ = fxadapt_class(orig)
     return state

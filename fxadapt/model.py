@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from .calls import using
-from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer
+from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer, verify_shared
 from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
-from .install import LayerState, Traced, layer_state
+from .install import LayerState, Siblings, Traced, layer_state
 from .methods.base import AdapterConfig
 from .parts import governing_config
 from .progress import track
@@ -227,15 +227,56 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 def prime(
     model: nn.Module, layers: list[nn.Module], example_inputs: Any = None
 ) -> list[tuple[tuple, Traced]]:
-    """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced)."""
+    """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced).
+
+    Sibling layers (same class, guard key, structure and read attributes) share one capture: it is traced once
+    and checked bit-exactly against each sibling's own eager call."""
     inputs = prepare_inputs(model, example_inputs)
     # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
     # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
     with preserved_buffers(model), using(model, None):
-        return _prime(model, layers, inputs)
+        return _prime(model, layers, inputs, Siblings())
 
 
-def _prime(model: nn.Module, layers: list[nn.Module], inputs: Any) -> list[tuple[tuple, Traced]]:
+def prime_variants(
+    model: nn.Module, layers: list[nn.Module], example_inputs: Any = None
+) -> list[list[tuple[tuple, Traced]]]:
+    """Captures of the other kinds of call a model commonly sees next, made now so that no first call pays for
+    tracing: the batch with an all-ones mask when the priming one has padding (transformers then passes no mask
+    to the layers) and the other way round, both in training mode, and the model's default call with its KV
+    cache (decoders). One trace per layer class each. The priming forwards run the whole model in each mode
+    (with its buffers preserved)."""
+    inputs = prepare_inputs(model, example_inputs)
+    batches = [inputs]
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] > 2:
+        other = torch.ones_like(mask)
+        if bool((mask != 0).all()):
+            other[-1, -2:] = 0  # a padded row
+        batches.append({**inputs, "attention_mask": other})
+    calls = [(batch, training) for batch in batches for training in (False, True)][
+        1:
+    ]  # [0]: the priming call
+    if (
+        isinstance(inputs, dict)
+        and inputs.get("use_cache") is False
+        and not (isinstance(example_inputs, dict) and "use_cache" in example_inputs)
+    ):
+        # the model's default call builds a KV cache (decoders): its layers get a cache object
+        default = {k: v for k, v in inputs.items() if k != "use_cache"}
+        calls += [(default, False), (default, True)]
+    siblings = Siblings()
+    out: list[list[tuple[tuple, Traced]]] = []
+    with preserved_buffers(model), using(model, None):
+        for batch, training in calls:
+            with _mode(model, training):
+                out.append(_prime(model, layers, batch, siblings))
+    return out
+
+
+def _prime(
+    model: nn.Module, layers: list[nn.Module], inputs: Any, siblings: Siblings
+) -> list[tuple[tuple, Traced]]:
     with torch.random.fork_rng(devices=[]):
         calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
     out = []
@@ -246,16 +287,45 @@ def _prime(model: nn.Module, layers: list[nn.Module], inputs: Any) -> list[tuple
                 "example_inputs that run the whole model"
             )
         args, kwargs = calls[id(layer)]
-        leaves, spec = flatten_call(args, kwargs)
-        key = guard_key(layer, leaves, spec)
-        state: LayerState | None = layer_state(layer)
-        traced = state.find_traced(layer, key, leaves) if state is not None else None
-        if traced is None:
-            orig = state.orig_class if state is not None else type(layer)
-            capture = trace_layer(layer, orig.forward, args, kwargs)
-            traced = Traced(capture, find_sites(layer, capture.graph, model_type_of(model)))
-        out.append((key, traced))
+        out.append(_prime_layer(model, layer, args, kwargs, siblings))
     return out
+
+
+def _prime_layer(model: nn.Module, layer: nn.Module, args: tuple, kwargs: dict, siblings: Siblings):
+    leaves, spec = flatten_call(args, kwargs)
+    key = guard_key(layer, leaves, spec)
+    state: LayerState | None = layer_state(layer)
+    traced = state.find_traced(layer, key, leaves) if state is not None else None
+    if traced is not None:
+        return key, traced
+    orig = state.orig_class if state is not None else type(layer)
+    traced = siblings.find(orig, key, layer, leaves)
+    if traced is not None:
+        try:
+            verify_shared(layer, orig.forward, traced.capture, args, kwargs)
+            return key, traced
+        except CaptureError:  # a difference the structure does not show: this layer gets its own capture
+            pass
+    capture = trace_layer(layer, orig.forward, args, kwargs)
+    traced = Traced(capture, find_sites(layer, capture.graph, model_type_of(model)))
+    siblings.add(orig, key, traced)
+    return key, traced
+
+
+class _mode:
+    """Temporarily put every module of ``module`` in train (``True``) or eval (``False``) mode."""
+
+    def __init__(self, module: nn.Module, training: bool | None):
+        self.layer, self.training = module, training
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.training) for m in self.layer.modules()] if self.training is not None else []
+        if self.training is not None:
+            self.layer.train(self.training)
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, flag in self.saved:
+            m.training = flag
 
 
 def plan_for(state: ModelState, index: int) -> LayerPlan:

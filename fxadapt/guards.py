@@ -1,0 +1,259 @@
+"""Guard keys and guards: what a capture was specialised to, and the run-time checks of what it assumed.
+
+A call is flattened with pytree into leaves and a structure; tensors and opaque objects are graph inputs, the rest
+constants. The **guard key** (structure, leaf dtypes/ranks/devices, constants, mode, hooks, autocast) picks a
+capture. Branches a trace took on values it could not keep symbolic are *guards*: flags read from opaque inputs
+(``cache.is_updated``) are checked before dispatch; branches on sizes (``if k.size(-2) != q.size(-2)``) are
+checked where they were taken, in the generated code, and a call taking the other branch re-dispatches.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import CaptureError
+from .graphs import replay_forward_hooks
+
+__all__ = [
+    "CaptureFailure",
+    "SizeGuardMiss",
+    "compile_graph",
+    "flatten_call",
+    "guard_key",
+    "hook_count",
+    "hook_dicts",
+    "unflatten_call",
+]
+
+SHADOW = "fxadapt_shadow"
+_MISSING = object()
+
+# Tensor attributes and methods whose answer depends only on dtype/rank/device, all of which are in the guard key.
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+
+
+class CaptureFailure(Exception):
+    """Tracing could not continue; ``module_path`` is the innermost traced-through module when it happened."""
+
+    def __init__(self, message: str, module_path: str = ""):
+        super().__init__(message)
+        self.module_path = module_path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Guard keys
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], tuple]:
+    """Flatten a call into leaves and a structure key (plain nested tuples: hashable, also under torch.compile)."""
+    leaves: list[Any] = []
+
+    def walk(value: Any) -> Any:
+        if type(value) in (tuple, list):
+            return (type(value).__name__, tuple(walk(v) for v in value))
+        if type(value) is dict:
+            keys = tuple(value)
+            return ("dict", keys, tuple(walk(value[k]) for k in keys))
+        leaves.append(value)
+        return None
+
+    structure = (walk(tuple(args)), walk(dict(kwargs)))
+    return leaves, structure
+
+
+def unflatten_call(leaves: list[Any], structure: tuple) -> tuple[tuple, dict]:
+    """Inverse of :func:`flatten_call`."""
+    it = iter(leaves)
+
+    def build(node: Any) -> Any:
+        if node is None:
+            return next(it)
+        if node[0] == "dict":
+            return {k: build(v) for k, v in zip(node[1], node[2])}
+        items = [build(v) for v in node[1]]
+        return tuple(items) if node[0] == "tuple" else items
+
+    args, kwargs = build(structure[0]), build(structure[1])
+    return tuple(args), kwargs
+
+
+def _leaf_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", value.dtype, value.dim(), value.device)
+    if isinstance(value, _CONSTANT_TYPES):
+        return ("C", type(value), value)
+    return ("O", type(value))
+
+
+def hook_dicts(layer: nn.Module) -> tuple[dict, ...]:
+    """The hook dicts that matter to a capture: those of the submodules generated code traces through. The layer's
+    own hooks run in its ``__call__``, outside the generated code, and fxadapt's adapter modules are leaf calls
+    whose hooks fire as usual. Cached per layer (``LayerState.hook_dicts``): counting them is O(#submodules)
+    ``len`` calls, not a module walk per call."""
+    out: list[dict] = []
+    for name, m in layer.named_modules():
+        if m is layer or name.split(".", 1)[0] == "fxadapt":  # "fxadapt": the adapter container (model.py)
+            continue
+        out += (m._forward_hooks, m._forward_pre_hooks)
+    return tuple(out)
+
+
+def hook_count(dicts: tuple[dict, ...]) -> int:
+    return sum(map(len, dicts))
+
+
+def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple, hooks: int | None = None) -> tuple:
+    """Everything a capture was specialised to: call structure, leaf dtypes/ranks/devices/constants, mode, the
+    number of hooks on traced-through submodules (``hooks``, or counted now), autocast."""
+    return (
+        spec,
+        tuple(map(_leaf_meta, leaves)),
+        layer.training,
+        hook_count(hook_dicts(layer)) if hooks is None else hooks,
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
+
+
+def _is_dynamic(value: Any) -> bool:
+    return not isinstance(value, _CONSTANT_TYPES)
+
+
+def check_value_guard(value: Any, expected: bool) -> None:
+    """Run-time check of a branch baked in while tracing (see ``_LayerTracer.to_bool``)."""
+    if bool(value) != expected:
+        raise CaptureError(
+            f"a captured branch assumed a flag was {expected}, but it is {bool(value)} now; this call should have "
+            "been dispatched to another capture (please report this with the model type)"
+        )
+
+
+def _depends_only_on_objects(node: fx.Node) -> bool:
+    """True if ``node`` is computed from opaque (non-tensor) inputs only: no tensor data, sizes or parameters."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        shadow = n.meta.get(SHADOW, _MISSING)
+        if isinstance(shadow, (torch.Tensor, torch.Size)) or n.op in ("get_attr", "call_module"):
+            return False
+        if n.op == "placeholder":
+            continue
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+_SHAPE_READS = {"size", "dim", "ndimension", "numel"}
+
+
+def _depends_only_on_sizes(node: fx.Node) -> bool:
+    """True if ``node`` is computed from tensor *sizes* only (shapes, ``size()``, ints), never tensor data."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape":
+            continue  # a shape read: the tensor's values do not matter
+        if n.op == "call_method" and n.target in _SHAPE_READS:
+            todo.extend(a for a in n.all_input_nodes[1:])
+            continue
+        shadow = n.meta.get(SHADOW, _MISSING)
+        if isinstance(shadow, torch.Tensor) or n.op in ("get_attr", "call_module", "placeholder"):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+_RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.bernoulli, torch.multinomial, torch.normal}
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _first_side_effect(root: nn.Module, graph: fx.Graph) -> str | None:
+    """The first op so far that a second run of the layer would repeat visibly: a mutation of an input or an
+    opaque object (cache updates), a random draw, a hook replay."""
+    for n in graph.nodes:
+        if n.op == "call_method" and (n.target == "update" or str(n.target).endswith("_")):
+            target = n.args[0] if n.args else None
+            if isinstance(target, fx.Node) and (
+                target.op == "placeholder" or _depends_only_on_objects(target)
+            ):
+                return n.format_node()
+        if n.op == "call_function" and n.target is operator.setitem:
+            return n.format_node()
+        inplace = n.op == "call_function" and n.target in _INPLACE_OPERATORS
+        if inplace and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder":
+            return n.format_node()
+        if n.op == "call_function" and (n.target in _RANDOM_FUNCTIONS or n.target is replay_forward_hooks):
+            return n.format_node()
+        if n.op == "call_function" and n.target in (torch.nn.functional.dropout, torch.dropout):
+            training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+            p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+            if training and p:
+                return n.format_node()
+        if n.op == "call_module":
+            module = root.get_submodule(str(n.target))
+            if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+                return n.format_node()
+    return None
+
+
+class SizeGuardMiss(Exception):
+    """Raised by generated code when a call takes another branch on sizes than the capture baked in."""
+
+
+def check_size_assumption(value: Any, expected: bool, effect: str) -> None:
+    """Like :func:`check_size_guard` for a branch taken after a side effect (a cache update): that call cannot be
+    re-run on another capture, so taking the other branch is a clear error instead."""
+    if bool(value) != expected:
+        raise CaptureError(
+            f"this call took another size-dependent branch ({bool(value)}) than the one fxadapt captured "
+            f"({expected}) after a side effect ({effect}) it cannot repeat; capture this kind of call first with "
+            "fxadapt.inject(..., example_inputs=...) of the same shapes, or report the model type"
+        )
+
+
+def check_size_guard(value: Any, expected: bool) -> None:
+    """Run-time check of a branch on sizes baked in while tracing (see ``_LayerTracer.to_bool``)."""
+    if bool(value) != expected:
+        raise SizeGuardMiss()
+
+
+def _guard_function(graph: fx.Graph, node: fx.Node) -> Callable[..., Any]:
+    """Code computing ``node`` from the graph's inputs alone: evaluated before dispatch to pick a capture."""
+    needed: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder" or n in needed:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[node])
+    return compile_graph(sub)
+
+
+def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
+    """Python code for ``graph`` as a function ``(layer, *inputs) -> tuple(outputs)``."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<fxadapt {id(graph):x}>", "exec"), namespace)
+    fn = namespace["forward"]
+    fn.__fxadapt_src__ = code.src
+    return fn
