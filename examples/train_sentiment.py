@@ -1,7 +1,9 @@
 """Train a seq_bn adapter + classification head on a real MiniLM over movie-review sentiment, offline.
 
-    python examples/train_sentiment.py            # the README's main job (~5 min on 2 CPU cores)
-    python examples/train_sentiment.py --help
+    .venv/bin/python examples/train_sentiment.py          # the README's main job (make demo): 17m45s on the
+                                                          # loaded 2-core machine of the README's run, about half
+                                                          # on an idle one; --train-size 4000 halves it
+    .venv/bin/python examples/train_sentiment.py --help
 
 Steps: (1) frozen-encoder baseline (only the classification head learns), (2) a ``seq_bn`` adapter + head,
 (3) full fine-tuning (optional, ``--full``), then save the adapter, reload it into a fresh model with one line,

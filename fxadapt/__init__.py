@@ -13,6 +13,7 @@ from .api import (
     active_adapters,
     active_setup,
     adapter_parameters,
+    adapter_state,
     add_fusion,
     eject_prefix,
     explain,
@@ -39,14 +40,19 @@ from .errors import (
     NotMergeableError,
     SiteNotFoundError,
 )
+from .export import aot_package, export, load_package
 from .formats.adapterhub import load_adapter_fusion, save_adapter_fusion
 from .fusion import FusionConfig
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
+from .methods.mtl_lora import MTLLoRAConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .methods.reft import ReftConfig
+from .methods.union import ConfigUnion
+from .progress import progress_bars
 from .routing import adapter_ids
 
 __all__ = [
@@ -59,17 +65,20 @@ __all__ = [
     "CheckpointError",
     "CompositionError",
     "ConfigError",
+    "ConfigUnion",
     "Fuse",
     "FusionConfig",
     "FxAdaptError",
     "IA3Config",
     "LoRAConfig",
+    "MTLLoRAConfig",
     "NameCollisionError",
     "NotMergeableError",
     "Parallel",
     "PerRow",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "ReftConfig",
     "SiteNotFoundError",
     "Split",
     "Stack",
@@ -79,16 +88,21 @@ __all__ = [
     "active_setup",
     "adapter_ids",
     "adapter_parameters",
+    "adapter_state",
     "add_fusion",
+    "aot_package",
     "eject_prefix",
     "explain",
+    "export",
     "fusion_parameters",
     "fusion_regularization_loss",
     "inject",
     "list_adapters",
     "load_adapter",
     "load_adapter_fusion",
+    "load_package",
     "merge",
+    "progress_bars",
     "remove",
     "remove_fusion",
     "save_adapter",

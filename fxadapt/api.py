@@ -1,4 +1,4 @@
-"""The verbs users call: inject, activate, remove, train_adapter, explain.
+"""The verbs users call: inject, activate, remove, train_adapter (``explain`` lives in ``explain.py``).
 
 Every verb validates everything before it touches the model, and a failure while committing rolls back, so
 a failed call leaves the model exactly as it was.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,12 +20,11 @@ from .errors import (
     ConfigError,
     NameCollisionError,
     SiteNotFoundError,
-    nearest,
 )
+from .explain import explain
 from .fusion import AdapterFusion, FusionConfig, fusion_config
 from .install import install, layer_state, uninstall
 from .methods.base import AdapterConfig, method_for, preset
-from .methods.prompt import SoftPrompt, find_embed_module, install_prompt_hooks, remove_prompt_hooks
 from .model import (
     CONTAINER,
     AdapterRecord,
@@ -35,10 +33,23 @@ from .model import (
     _fuse_blocks,
     get_state,
     layers_of,
+    model_type_of,
     plan_for,
     prime,
     set_state,
 )
+from .parts import (
+    ModelContext,
+    adapter_modules,
+    attach_hooks,
+    detach_hooks,
+    fusion_kinds,
+    governing_config,
+    place,
+    why_not_mergeable,
+)
+from .progress import track
+from .quantized import float_weights
 from .rewrite import site_key
 from .routing import install_routing_hook, remove_routing_hook
 
@@ -47,6 +58,7 @@ __all__ = [
     "active_adapters",
     "active_setup",
     "adapter_parameters",
+    "adapter_state",
     "add_fusion",
     "eject_prefix",
     "explain",
@@ -121,54 +133,16 @@ def inject(
             )
     paths, layers = layers_of(model)
     primed = prime(model, layers, example_inputs)
+    context = ModelContext(model, paths, layers, primed, example_inputs)
 
     staged: list[tuple[int, str, str, nn.Module]] = []
     records: dict[str, AdapterRecord] = {}
-    model_hooks: list[nn.Module] = []  # embedding modules that model-level methods (prompt tuning) hook
     for name, config in items:
-        method = method_for(config)
-        placements: dict[int, list[str]] = {}
-        located = {}
-        satisfied: set[str] = set()
-        if getattr(method, "model_level", False):  # prompt tuning: the model's input, not a layer site
-            _, embed = find_embed_module(model, layers[0], example_inputs)
-            hidden = next((s.hidden_size for s in primed[0][1].report.residual), None)
-            get_emb = getattr(model, "get_input_embeddings", None)
-            module = SoftPrompt(config, hidden, get_emb() if callable(get_emb) else None)
-            module.to(**_placement(layers[0])).train(layers[0].training)
-            staged.append((0, name, "embed", module))
-            records[name] = AdapterRecord(config, {0: ("embed",)}, {})
-            model_hooks.append(embed)
-            continue
-        for index, (layer, (_, traced)) in enumerate(zip(layers, primed)):
-            if not method.applies_to_layer(config, index):
-                continue
-            for request, site in method.select_sites(config, traced.report, layer):
-                satisfied.add(request)
-                if site.kind in placements.get(index, ()):
-                    continue
-                placements.setdefault(index, []).append(site.kind)
-                located[(index, site.kind)] = site
-        built = method.build_all(config, located, layers, paths)
-        for (index, kind), module in built.items():
-            module.to(**_placement(layers[index])).train(
-                layers[index].training
-            )  # new modules follow the mode
-            staged.append((index, name, kind, module))
-        missing = [r for r in method.requests(config) if r not in satisfied]
-        if missing:
-            available = sorted({k for _, t in primed for k in t.report.kinds()})
-            opaque = {
-                f"{paths[i]}.{leaf}": why
-                for i, (_, t) in enumerate(primed)
-                for leaf, why in t.capture.leaf_reasons.items()
-            }
-            hint = f". Tracing left these submodules opaque, which can hide sites: {opaque}" if opaque else ""
-            raise SiteNotFoundError(
-                f"adapter {name!r}: site(s) {missing} not found in {type(model).__name__}; it has {available}"
-                f"{nearest(missing[0], available)}{hint}"
-            )
-        records[name] = AdapterRecord(config, {i: tuple(k) for i, k in placements.items()}, located)
+        placed = place(
+            name, config, context
+        )  # sites and model-level parts, through the method's capabilities
+        staged.extend((index, name, kind, module) for (index, kind), module in placed.modules.items())
+        records[name] = AdapterRecord(config, placed.placements, placed.sites, members=placed.members)
 
     # commit, with rollback
     new_state = state is None
@@ -182,7 +156,7 @@ def inject(
             layer = layers[index]
             if layer_state(layer) is None:
                 installed_now.append(layer)
-            lstate = install(layer, index)
+            lstate = install(layer, index, model_type_of(model))
             key, traced = primed[index]
             if lstate.find_traced(layer, key, []) is None and not traced.capture.value_guards:
                 lstate.add_traced(key, traced)
@@ -195,8 +169,8 @@ def inject(
                 added.append((layer, name))
             container[name][site_key(kind)] = module
         state.adapters.update(records)
-        for embed in model_hooks:
-            install_prompt_hooks(model, embed)
+        for name, record in records.items():
+            attach_hooks(model, name, record.config, context)
         if activate:
             state.active = Stack(*records)
         set_state(model, state)
@@ -210,6 +184,7 @@ def inject(
             uninstall(layer)
         for name in records:
             state.adapters.pop(name, None)
+            detach_hooks(model, name)
         state.active = previous_active
         if new_state:
             set_state(model, None)
@@ -241,7 +216,7 @@ def _apply_plans(model: nn.Module, state: ModelState) -> None:
     else:
         remove_routing_hook(model)
     _, layers = layers_of(model)
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(track(layers, desc="fxadapt: compiling layers", unit="layer")):
         lstate = layer_state(layer)
         if lstate is not None:
             lstate.set_plan(plan_for(state, index))
@@ -312,19 +287,21 @@ def _merge(model: nn.Module, name: str, sign: int) -> None:
     if state is None:
         raise _no_adapters(model)
     record = state.record(name)
-    method = method_for(record.config)
-    if not method.mergeable:
+    why = why_not_mergeable(record.config)
+    if why is not None:
         raise NotMergeableError(
-            f"adapter {name!r} ({record.config.method}) cannot be merged into the base weights: it is not a "
-            "linear reparametrisation of them; mergeable methods are LoRA and (IA)^3"
+            f"adapter {name!r} ({record.config.method}) cannot be merged into the base weights: {why}"
         )
     if record.merged == (sign > 0):
         return
     _, layers = layers_of(model)
-    with torch.no_grad():
+    bases = [layers[i].get_submodule(s.module) for (i, _), s in record.sites.items() if hasattr(s, "module")]
+    verb = f"{'merge' if sign > 0 else 'unmerge'} adapter {name!r}"
+    with torch.no_grad(), float_weights(bases, verb):  # quantized bases: dequantize → merge → requantize
         for (index, kind), site in record.sites.items():
             module = layers[index]._modules[CONTAINER][name][site_key(kind)]
-            method.merge(record.config, module, site, layers[index], sign)
+            config = governing_config(record, kind)
+            method_for(config).merge(config, module, site, layers[index], sign)
     record.merged = sign > 0
     _apply_plans(model, state)
 
@@ -361,8 +338,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             if not container:
                 del layer._modules[CONTAINER]
     _apply_plans(model, state)
-    if not any(getattr(method_for(r.config), "model_level", False) for r in state.adapters.values()):
-        remove_prompt_hooks(model)
+    detach_hooks(model, name)
     for layer in layers:
         if CONTAINER not in layer._modules:
             uninstall(layer)
@@ -391,15 +367,17 @@ def add_fusion(
             f"a fusion layer for {fuse!r} already exists; remove it with remove_fusion first"
         )
     children = tuple(c if isinstance(c, str) else c.last() for c in fuse.children)
+    fusable = {c: set(fusion_kinds(state.adapters[c].config)) for c in children}
     for child in children:
-        if state.adapters[child].config.method != "bottleneck":
+        if not fusable[child]:
             raise CompositionError(
-                f"Fuse needs bottleneck adapters; {child!r} is {state.adapters[child].config.method}"
+                f"Fuse needs adapters whose outputs AdapterFusion can attend over (bottleneck adapters); {child!r} "
+                f"is {state.adapters[child].config.method}"
             )
     _, layers = layers_of(model)
     placements: dict[int, tuple[str, ...]] = {}
     for index in range(len(layers)):
-        common = [set(state.adapters[c].placements.get(index, ())) for c in children]
+        common = [set(state.adapters[c].placements.get(index, ())) & fusable[c] for c in children]
         kinds = tuple(
             k for k in state.adapters[children[0]].placements.get(index, ()) if all(k in c for c in common)
         )
@@ -489,31 +467,21 @@ def fusion_regularization_loss(model: nn.Module) -> torch.Tensor:
 
 
 def eject_prefix(model: nn.Module, name: str) -> nn.Module:
-    """Replace a prefix-tuning adapter's reparameterisation MLP by the prefixes it produces (``flat``): the same
-    outputs, fewer parameters and no MLP per forward. Saved configs record ``flat=True`` from then on."""
-    from .methods.prefix import PrefixSite, PrefixTuningConfig
-
+    """Replace adapter ``name``'s training-time reparameterisation by the weights it produces (prefix tuning: the
+    MLP by the prefixes it makes, ``flat``): the same outputs, fewer parameters and no MLP per forward. Saved
+    configs record the ejected form (``flat=True``) from then on. Unions eject their members that can."""
     state = get_state(model)
     if state is None:
         raise _no_adapters(model)
     record = state.record(name)
-    if not isinstance(record.config, PrefixTuningConfig):
-        raise ConfigError(f"adapter {name!r} is {record.config.method}, not prefix tuning; nothing to eject")
-    if record.config.flat:
-        return model
-    _, layers = layers_of(model)
-    sites = []
-    for layer in layers:
-        container = layer._modules.get(CONTAINER)
-        if container is not None and name in container:
-            sites.extend(m for m in container[name].values() if isinstance(m, PrefixSite))
-    ejected = {}
-    for site in sites:
-        pool = site.get_pool()
-        if id(pool) not in ejected:
-            ejected[id(pool)] = pool.ejected()
-        site.set_pool(ejected[id(pool)])
-    record.config = record.config.replace(flat=True)
+    modules = dict(adapter_modules(model, name))
+    ejected = method_for(record.config).eject(record.config, modules)
+    if ejected is None:
+        raise ConfigError(
+            f"adapter {name!r} ({record.config.method}) has no reparameterisation to eject; eject_prefix applies "
+            "to prefix tuning (and unions holding it)"
+        )
+    record.config = ejected
     _apply_plans(model, state)
     return model
 
@@ -531,6 +499,22 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if container is not None and name in container:
             for pname, p in container[name].named_parameters():
                 out[f"{path}.{CONTAINER}.{name}.{pname}"] = p
+    return out
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Everything saved for adapter ``name``: its parameters and persistent buffers (an orthogonal
+    parametrization's base, ...), keyed by their full state_dict name."""
+    state = get_state(model)
+    if state is None:
+        raise _no_adapters(model)
+    state.record(name)
+    out: dict[str, torch.Tensor] = {}
+    for path in state.layer_paths:
+        container = model.get_submodule(path)._modules.get(CONTAINER)
+        if container is not None and name in container:
+            for key, t in container[name].state_dict(keep_vars=True).items():
+                out[f"{path}.{CONTAINER}.{name}.{key}"] = t
     return out
 
 
@@ -569,77 +553,3 @@ def train_adapter(model: nn.Module, name: str, *, train_head: bool = True) -> nn
         p.requires_grad_(id(p) in trainable)
     model.train()
     return model
-
-
-# ------------------------------------------------------------------------------------------------------------
-# explain
-
-
-@dataclass
-class LayerExplanation:
-    path: str
-    cls: str
-    sites: list[str]
-    module_sites: list[str]
-    leaves: dict[str, str]
-    rejected: list[tuple[str, str]]
-    guard_keys: int
-    plan: list[str] = field(default_factory=list)
-    kernels: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Explanation:
-    model: str
-    layers: list[LayerExplanation]
-
-    def __str__(self) -> str:
-        lines = [f"fxadapt: {self.model}, {len(self.layers)} layers"]
-        for le in self.layers:
-            lines.append(f"  {le.path} ({le.cls}): sites {', '.join(le.sites) or 'none'}")
-            if le.module_sites:
-                lines.append(f"      module sites: {', '.join(le.module_sites)}")
-            if le.plan:
-                lines.append(f"      active: {', '.join(le.plan)}")
-            for leaf, why in le.leaves.items():
-                lines.append(f"      opaque submodule {leaf}: {why}")
-            for node, why in le.rejected:
-                lines.append(f"      not a site: {node}: {why}")
-            for note in le.kernels:
-                lines.append(f"      kernels: {note}")
-            if le.guard_keys:
-                lines.append(f"      captured calls (guard keys): {le.guard_keys}")
-        return "\n".join(lines)
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython
-        p.text(str(self))
-
-
-def explain(model: nn.Module, example_inputs: Any = None, *, verbose: bool = False) -> Explanation:
-    """Per layer: sites found (and why other candidates were rejected), opaque submodules, captures, plan.
-
-    Works on a model with or without adapters; it traces but never modifies the model.
-    """
-    paths, layers = layers_of(model)
-    primed = prime(model, layers, example_inputs)
-    out = []
-    for path, layer, (_, traced) in zip(paths, layers, primed):
-        lstate = layer_state(layer)
-        report = traced.report
-        out.append(
-            LayerExplanation(
-                path=path,
-                cls=(lstate.orig_class if lstate else type(layer)).__name__,
-                sites=[
-                    f"{s.kind} (from {s.producer}{', post-norm' if s.norm else ''})" for s in report.residual
-                ],
-                module_sites=[f"{s.kind}={s.module}" for s in report.modules],
-                leaves=dict(traced.capture.leaf_reasons),
-                rejected=report.rejected if verbose else [],
-                guard_keys=len(lstate.traced) if lstate else 0,
-                plan=lstate.plan.describe() if lstate else [],
-                kernels=list(lstate.notes) if lstate else [],
-            )
-        )
-    explanation = Explanation(type(model).__name__, out)
-    return explanation

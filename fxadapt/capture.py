@@ -44,6 +44,8 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_cal
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .graphs import ATTENTION_FLAG, is_norm, replay_forward_hooks
+from .provenance import annotate_features
 
 __all__ = [
     "Capture",
@@ -93,15 +95,23 @@ class CaptureFailure(Exception):
 
 
 def find_layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Outermost ``ModuleList``s of same-class custom blocks, in module order: the model's repeating layers."""
+    """The model's repeating layers: ``ModuleList``s of same-class custom blocks, in module order.
+
+    The unit is the innermost list of *blocks*: a list whose elements merely wrap other block lists (ALBERT's
+    layer groups, Swin's stages holding blocks) is replaced by those inner lists, when the inner blocks hold
+    most of the wrapper's weights and contain norms (which lists of experts or heads do not)."""
     found: list[tuple[str, nn.ModuleList]] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             if isinstance(child, nn.ModuleList) and _is_layer_list(child):
-                found.append((path, child))
-                continue  # nested lists inside a layer belong to that layer
+                if all(_wraps_blocks(element) for element in child):
+                    for i, element in enumerate(child):
+                        visit(element, f"{path}.{i}")
+                else:
+                    found.append((path, child))
+                continue  # other nested lists inside a layer belong to that layer
             visit(child, path)
 
     visit(model, "")
@@ -112,7 +122,12 @@ def _is_layer_list(ml: nn.ModuleList) -> bool:
     if len(ml) == 0:
         return False
     cls = type(ml[0])
-    if any(type(m) is not cls for m in ml):
+    # one class, or classes made per instance by a wrapper library (same module and name: AdapterHub's)
+    if any(
+        type(m) is not cls
+        and (type(m).__module__, type(m).__qualname__) != (cls.__module__, cls.__qualname__)
+        for m in ml
+    ):
         return False
     if cls.__module__.startswith("torch.nn"):  # lists of plain Linear/Conv heads are not transformer layers
         return False
@@ -120,24 +135,52 @@ def _is_layer_list(ml: nn.ModuleList) -> bool:
     return any(True for _ in first.children()) and any(True for _ in first.parameters())
 
 
+def _wraps_blocks(element: nn.Module) -> bool:
+    inner = [
+        m
+        for m in element.modules()
+        if m is not element
+        and isinstance(m, nn.ModuleList)
+        and _is_layer_list(m)
+        and all(any(is_norm(x) for x in block.modules()) for block in m)
+    ]
+    if not inner:
+        return False
+    total = sum(p.numel() for p in element.parameters())
+    ids = {id(p) for m in inner for p in m.parameters()}
+    held = sum(p.numel() for p in element.parameters() if id(p) in ids)
+    return total > 0 and held * 3 >= total * 2
+
+
 def record_layer_calls(
     model: nn.Module, layers: list[nn.Module], run: Callable[[], Any]
 ) -> dict[int, tuple[tuple, dict]]:
-    """Run ``run()`` once and return, per layer (by ``id``), the (args, kwargs) of its first call."""
+    """Run ``run()`` once and return, per layer (by ``id``), the (args, kwargs) of its first call.
+
+    Calls are recorded at the layer's ``forward`` (an instance attribute for the duration), so a parent that
+    calls ``layer.forward(...)`` directly (SqueezeBERT) is seen as well as ``layer(...)``."""
     calls: dict[int, tuple[tuple, dict]] = {}
-    handles = []
+    saved: list[tuple[nn.Module, Any]] = []
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.setdefault(id(module), (args, dict(kwargs)))
+    def recorder(layer: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def forward_and_record(*args: Any, **kwargs: Any) -> Any:
+            calls.setdefault(id(layer), (args, dict(kwargs)))
+            return forward(*args, **kwargs)
 
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        return forward_and_record
+
     try:
+        for layer in layers:
+            saved.append((layer, layer.__dict__.get("forward", _MISSING)))
+            layer.__dict__["forward"] = recorder(layer, layer.forward)
         with torch.no_grad():
             run()
     finally:
-        for h in handles:
-            h.remove()
+        for layer, previous in saved:
+            if previous is _MISSING:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = previous
     return calls
 
 
@@ -223,9 +266,11 @@ class ShadowProxy(fx.Proxy):
         return self.node.meta.get(SHADOW, _MISSING)
 
     @property  # type: ignore[misc]
-    def __class__(self) -> type:  # isinstance(proxy, tuple / Cache / Tensor) answers like the real value
+    def __class__(self) -> type:  # isinstance(proxy, tuple / Cache) answers like the real value
+        # Never for tensors: torch's C++ argument parser trusts ``isinstance(obj, Tensor)`` and would read the
+        # proxy as a tensor (a segfault in ``torch.clamp(t, 0, proxy)``); tensor code paths see a Proxy, as in fx.
         shadow = self._shadow
-        return type(self) if shadow is _MISSING else type(shadow)
+        return type(self) if shadow is _MISSING or isinstance(shadow, torch.Tensor) else type(shadow)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
@@ -245,6 +290,24 @@ class ShadowProxy(fx.Proxy):
         self,
     ) -> Any:  # fx's Proxy.keys() is for ** unpacking; HF caches have a ``.keys`` tensor attribute
         return ShadowAttribute(self, "keys")
+
+    # In-place arithmetic on tensors stays in place (``h *= noise`` in a router mutates the caller's tensor in
+    # eager; Python's fallback to ``h = h * noise`` would not).
+    def __iadd__(self, other: Any) -> Any:
+        return self._inplace(operator.iadd, operator.add, other)
+
+    def __isub__(self, other: Any) -> Any:
+        return self._inplace(operator.isub, operator.sub, other)
+
+    def __imul__(self, other: Any) -> Any:
+        return self._inplace(operator.imul, operator.mul, other)
+
+    def __itruediv__(self, other: Any) -> Any:
+        return self._inplace(operator.itruediv, operator.truediv, other)
+
+    def _inplace(self, inplace: Any, plain: Any, other: Any) -> Any:
+        target = inplace if isinstance(self._shadow, torch.Tensor) else plain
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
 
     def __setitem__(self, key: Any, value: Any) -> None:  # ``cache.is_updated[i] = True``
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
@@ -295,7 +358,7 @@ class _LeafFunction:
             return self.fn(*args, **kwargs)
         out = proxy.tracer.create_proxy("call_function", self.fn, args, kwargs)
         if self.attention:
-            out.node.meta["fxadapt_attention"] = True
+            out.node.meta[ATTENTION_FLAG] = True
         return out
 
 
@@ -368,22 +431,6 @@ class _TracePatches:
                 setattr(owner, name, orig)
 
 
-def replay_forward_hooks(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Run a traced-through module's forward hooks at run time, as ``Module.__call__`` would have."""
-    for hook_id, hook in list(module._forward_hooks.items()):
-        if hook_id in module._forward_hooks_with_kwargs:
-            result = hook(module, args, kwargs, output)
-        else:
-            result = hook(module, args, output)
-        if result is not None:
-            output = result
-    return output
-
-
-def is_attention_function(node: fx.Node) -> bool:
-    return node.op == "call_function" and bool(node.meta.get("fxadapt_attention"))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The tracer
 
@@ -415,9 +462,13 @@ def _python_caller(fn: Any) -> Callable[..., Any]:
 class _LayerTracer(fx.Tracer):
     def __init__(self, forced_leaves: set[str]):
         super().__init__(autowrap_modules=(math,))
+        # buffers read in the forward become graph values: a buffer sliced with a symbolic size (GPT-Neo's
+        # ``self.bias[:, :, k - q : k]``) is then a graph op instead of a real tensor indexed by a proxy
+        self.proxy_buffer_attributes = True
         self.forced_leaves = forced_leaves
         self.traced_stack: list[str] = []
         self.value_guards: list[tuple[fx.Node, bool]] = []
+        self.size_guards = 0
         self._inputs: list[tuple[str, Any]] = []
         self._fn: Callable[..., Any] | None = None
 
@@ -462,13 +513,26 @@ class _LayerTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         node = obj.node
         value = node.meta.get(SHADOW, _MISSING)
-        if value is _MISSING or not _depends_only_on_objects(node):
-            raise CaptureFailure("control flow depends on a traced value (data or a size)", self._where())
-        # A flag read from an opaque input (``cache.is_updated.get(i)``): bake the branch, guard on the value.
+        if value is _MISSING:
+            raise CaptureFailure("control flow depends on a traced value of unknown value", self._where())
         flag = bool(value)
-        self.value_guards.append((node, flag))
-        self.create_proxy("call_function", check_value_guard, (obj, flag), {})
-        return flag
+        if _depends_only_on_objects(node):
+            # A flag read from an opaque input (``cache.is_updated.get(i)``): bake the branch, guard on the value.
+            self.value_guards.append((node, flag))
+            self.create_proxy("call_function", check_value_guard, (obj, flag), {})
+            return flag
+        if _depends_only_on_sizes(node):
+            # A branch on sizes (``if k.size(-2) != q.size(-2)``, ``max(0, bias.size(1) - q_len)``): bake it and
+            # check it where it was taken; a call that takes the other branch re-dispatches (install.py). That
+            # re-run must not repeat side effects, so this is allowed only before any.
+            effect = _first_side_effect(self.root, self.graph)
+            self.size_guards += 1
+            if effect is None:
+                self.create_proxy("call_function", check_size_guard, (obj, flag), {})
+            else:  # a re-run would repeat the side effect: a call taking the other branch is an error
+                self.create_proxy("call_function", check_size_assumption, (obj, flag, effect), {})
+            return flag
+        raise CaptureFailure("control flow depends on tensor data", self._where())
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         raise CaptureFailure("iteration over a traced value of unknown length", self._where())
@@ -515,6 +579,8 @@ class _LayerTracer(fx.Tracer):
                     return _orig_module_call(self.root.get_submodule(str(node.target)), *args, **kwargs)
                 if node.op == "call_method":
                     return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                if node.target is store_attribute:
+                    return None  # only replayed at run time
                 if node.target is replay_forward_hooks:
                     return args[3]  # hooks observe; their effect is only replayed at run time
                 return node.target(*args, **kwargs)  # type: ignore[operator]
@@ -550,6 +616,85 @@ def _depends_only_on_objects(node: fx.Node) -> bool:
     return True
 
 
+_SHAPE_READS = {"size", "dim", "ndimension", "numel"}
+
+
+def _depends_only_on_sizes(node: fx.Node) -> bool:
+    """True if ``node`` is computed from tensor *sizes* only (shapes, ``size()``, ints), never tensor data."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape":
+            continue  # a shape read: the tensor's values do not matter
+        if n.op == "call_method" and n.target in _SHAPE_READS:
+            todo.extend(a for a in n.all_input_nodes[1:])
+            continue
+        shadow = n.meta.get(SHADOW, _MISSING)
+        if isinstance(shadow, torch.Tensor) or n.op in ("get_attr", "call_module", "placeholder"):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+_RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.bernoulli, torch.multinomial, torch.normal}
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _first_side_effect(root: nn.Module, graph: fx.Graph) -> str | None:
+    """The first op so far that a second run of the layer would repeat visibly: a mutation of an input or an
+    opaque object (cache updates), a random draw, a hook replay."""
+    for n in graph.nodes:
+        if n.op == "call_method" and (n.target == "update" or str(n.target).endswith("_")):
+            target = n.args[0] if n.args else None
+            if isinstance(target, fx.Node) and (
+                target.op == "placeholder" or _depends_only_on_objects(target)
+            ):
+                return n.format_node()
+        if n.op == "call_function" and n.target is operator.setitem:
+            return n.format_node()
+        inplace = n.op == "call_function" and n.target in _INPLACE_OPERATORS
+        if inplace and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder":
+            return n.format_node()
+        if n.op == "call_function" and (n.target in _RANDOM_FUNCTIONS or n.target is replay_forward_hooks):
+            return n.format_node()
+        if n.op == "call_function" and n.target in (torch.nn.functional.dropout, torch.dropout):
+            training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+            p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+            if training and p:
+                return n.format_node()
+        if n.op == "call_module":
+            module = root.get_submodule(str(n.target))
+            if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+                return n.format_node()
+    return None
+
+
+class SizeGuardMiss(Exception):
+    """Raised by generated code when a call takes another branch on sizes than the capture baked in."""
+
+
+def check_size_assumption(value: Any, expected: bool, effect: str) -> None:
+    """Like :func:`check_size_guard` for a branch taken after a side effect (a cache update): that call cannot be
+    re-run on another capture, so taking the other branch is a clear error instead."""
+    if bool(value) != expected:
+        raise CaptureError(
+            f"this call took another size-dependent branch ({bool(value)}) than the one fxadapt captured "
+            f"({expected}) after a side effect ({effect}) it cannot repeat; capture this kind of call first with "
+            "fxadapt.inject(..., example_inputs=...) of the same shapes, or report the model type"
+        )
+
+
+def check_size_guard(value: Any, expected: bool) -> None:
+    """Run-time check of a branch on sizes baked in while tracing (see ``_LayerTracer.to_bool``)."""
+    if bool(value) != expected:
+        raise SizeGuardMiss()
+
+
 def _guard_function(graph: fx.Graph, node: fx.Node) -> Callable[..., Any]:
     """Code computing ``node`` from the graph's inputs alone: evaluated before dispatch to pick a capture."""
     needed: set[fx.Node] = set()
@@ -569,9 +714,11 @@ def _guard_function(graph: fx.Graph, node: fx.Node) -> Callable[..., Any]:
 
 
 def _value_kind(value: Any) -> str:
-    """'tensor', 'size' (ints, shapes: no data flow) or 'object' (tuples of tensors, caches, ...)."""
+    """'tensor', 'size' (ints, shapes, integer scalars such as DeBERTa's attention span: no data flow) or
+    'object' (tuples of tensors, caches, ...)."""
     if isinstance(value, torch.Tensor):
-        return "tensor"
+        integer = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        return "size" if value.dim() == 0 and integer else "tensor"
     if isinstance(value, (bool, int, float, torch.Size)) or (
         isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value)
     ):
@@ -604,6 +751,7 @@ class Capture:
     leaf_reasons: dict[str, str] = field(default_factory=dict)
     input_names: tuple[str, ...] = ()
     value_guards: tuple[tuple[Callable[..., Any], bool], ...] = ()
+    size_guards: int = 0  # branches on sizes checked inside the generated code (SizeGuardMiss on the other)
     has_opaque_inputs: bool = False  # a cache or other object is among the inputs
     device: torch.device | None = None  # of the first tensor input
     dtype: torch.dtype | None = None
@@ -686,12 +834,17 @@ def trace_layer(
         tracer._inputs = [(names[i], _shadow_copy(leaves[i])) for i in dynamic]
         out_info: dict[str, Any] = {}
 
-        def fn(root: nn.Module, *inputs: Any, _out: dict[str, Any] = out_info) -> Any:
+        state = _module_state(layer)
+
+        def fn(
+            root: nn.Module, *inputs: Any, _out: dict[str, Any] = out_info, _state=state, _tr=tracer
+        ) -> Any:
             flat = list(leaves)
             for i, p in zip(dynamic, inputs):
                 flat[i] = p
             a, kw = unflatten_call(flat, in_spec)
             out = orig_forward(root, *a, **kw)
+            _state.record_writes(_tr)
             out_leaves, out_spec = pytree.tree_flatten(out)
             _out["spec"] = out_spec
             _out["leaves"] = out_leaves
@@ -699,7 +852,7 @@ def trace_layer(
 
         tracer._fn = fn
         try:
-            with _TracePatches(script_functions), torch.no_grad(), _preserved_rng(args):
+            with _TracePatches(script_functions), torch.no_grad(), _preserved_rng(args), state:
                 torch.manual_seed(_VERIFY_SEED)  # shadows draw dropout masks as the verification run will
                 graph = tracer.trace(layer)
         except CaptureFailure as failure:
@@ -722,6 +875,7 @@ def trace_layer(
                 out_slots.append(None)
                 consts.append(v)
         guards = tuple((_guard_function(graph, node), flag) for node, flag in tracer.value_guards)
+        annotate_features(layer, graph, SHADOW)
         traced_out = [v.node.meta.get(SHADOW) if isinstance(v, fx.Proxy) else v for v in out_info["leaves"]]
         for node in graph.nodes:  # shadows are only needed while tracing; don't keep real tensors alive
             shadow = node.meta.pop(SHADOW, None)
@@ -740,6 +894,7 @@ def trace_layer(
             leaf_reasons=reasons,
             input_names=tuple(names[i] for i in dynamic),
             value_guards=guards,
+            size_guards=tracer.size_guards,
             has_opaque_inputs=any(not isinstance(leaves[i], torch.Tensor) for i in dynamic),
             device=next((leaves[i].device for i in dynamic if isinstance(leaves[i], torch.Tensor)), None),
             dtype=next((leaves[i].dtype for i in dynamic if isinstance(leaves[i], torch.Tensor)), None),
@@ -754,6 +909,46 @@ def trace_layer(
         f"could not capture layer {type(layer).__name__}{where}: {last_error}. "
         f"Submodules made opaque so far: {sorted(forced) or 'none'}."
     )
+
+
+def store_attribute(module: nn.Module, name: str, value: Any) -> None:
+    """Run-time replay of a module attribute write seen while tracing (see ``_module_state.record_writes``)."""
+    setattr(module, name, value)
+
+
+class _module_state:
+    """Tracing runs the layer's Python code, which may assign attributes (``self.expert_capacity = ceil(n)``):
+    attributes a trace set to traced values get their old value back (no proxy survives in module state)."""
+
+    def __init__(self, layer: nn.Module):
+        self.paths = [path for path, _ in layer.named_modules()]
+        self.modules = [m for _, m in layer.named_modules()]
+
+    def __enter__(self) -> None:
+        self.saved = [dict(m.__dict__) for m in self.modules]
+
+    def record_writes(self, tracer: fx.Tracer) -> None:
+        """Replay, at the end of the generated code, the attribute writes of traced values (NLLB-MoE's router
+        stores ``self.expert_capacity = ceil(n_tokens * f)`` in eval mode): the state a call leaves behind is the
+        one eager leaves. Reads within the call were traced to the value already."""
+        for path, module, saved in zip(self.paths, self.modules, self.saved):
+            for key, value in list(module.__dict__.items()):
+                if not path or saved.get(key, _MISSING) is value:
+                    continue
+                if any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value)):
+                    owner = tracer.create_proxy("get_attr", path, (), {})
+                    tracer.create_proxy("call_function", store_attribute, (owner, key, value), {})
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, saved in zip(self.modules, self.saved):
+            for key, value in list(module.__dict__.items()):
+                if saved.get(key, _MISSING) is value:
+                    continue
+                if any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value)):
+                    if key in saved:
+                        module.__dict__[key] = saved[key]
+                    else:
+                        del module.__dict__[key]
 
 
 class _preserved_rng:

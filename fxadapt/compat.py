@@ -101,14 +101,40 @@ class AdapterModelMixin:
 
     # -- saving and loading ---------------------------------------------------------------------------------
     def save_adapter(
-        self, save_directory: str | os.PathLike, adapter_name: str, with_head: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str,
+        with_head: bool = True,
+        format: str = "fxadapt",
+        **options: Any,
     ) -> None:
+        """Save adapter ``adapter_name`` (and its head, or the HF model's head) in fxadapt's format, or with
+        ``format="adapterhub"`` / ``"peft"`` in the peer's (a named head is written as AdapterHub's flex head, which
+        ``<Model>AdapterModel.load_adapter`` loads)."""
         folder = Path(save_directory)
         heads = self._heads()
+        if with_head and adapter_name in heads and format not in ("fxadapt", "adapterhub"):
+            raise CheckpointError(
+                f"head {adapter_name!r} cannot be written in the {format!r} format; pass with_head=False, or "
+                "format='adapterhub' (AdapterHub's flex heads)"
+            )
         io.save_adapter(
-            self, folder, adapter_name, with_head=with_head and not heads and bool(api.head_parameters(self))
+            self,
+            folder,
+            adapter_name,
+            with_head=with_head and not heads and bool(api.head_parameters(self)),
+            format=format,
+            **options,
         )
-        if with_head and adapter_name in heads:
+        if with_head and adapter_name in heads and format == "adapterhub":
+            from .formats.adapterhub_heads import write_flex_head
+
+            head = heads[adapter_name]
+            base = getattr(self, "base_model", self)
+            write_flex_head(
+                folder, adapter_name, head.config, head, self, base, bool(options.get("use_safetensors"))
+            )
+        elif with_head and adapter_name in heads:
             head = heads[adapter_name]
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
@@ -144,14 +170,38 @@ class AdapterModelMixin:
         )
         head_file = folder / HEAD_CONFIG
         own_head = with_head and head_file.is_file() and '"fxadapt-head"' in head_file.read_text()
+        flex = None
+        if with_head and not own_head and isinstance(self, AdapterModel):
+            flex = _adapterhub_head(self, folder)  # checked before the model is touched
         name = io.load_adapter(
             self,
             folder,
             name=load_as,
             activate=set_active,
-            load_head=with_head and not own_head,
+            load_head=with_head and not own_head and flex is None,
             **kwargs,
         )
+        if flex is not None:
+            heads = self._heads()
+            previous = (heads._modules.get(name), self.__dict__.get("active_head"))
+            try:
+                _, head_kwargs, linears = flex
+                self._add_head(name, HeadConfig(**head_kwargs), overwrite_ok=True)
+                from .formats.adapterhub_heads import load_linears
+
+                load_linears(self._heads()[name], linears, str(folder))
+            except Exception as exc:
+                api.remove(self, name)
+                if previous[0] is not None:
+                    self._heads()[name] = previous[0]
+                elif name in self._heads():
+                    del self._heads()[name]
+                self.__dict__["active_head"] = previous[1]
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(
+                    f"loading the AdapterHub head saved with adapter {name!r} failed: {exc}"
+                ) from exc
         if own_head:
             try:
                 meta = json.loads(head_file.read_text())
@@ -360,6 +410,17 @@ class AdapterModel(AdapterModelMixin, nn.Module):
             labels=labels,
             num_choices=num_choices,
         )
+
+
+def _adapterhub_head(model: AdapterModel, folder: Path) -> Any:
+    """An AdapterHub head saved beside an adapter, as ``(name, HeadConfig kwargs, linear weights)``: a flex head
+    (``heads.<name>.<i>.*``), or a static HF head AdapterHub converts to one; None when there is none."""
+    from .formats import detect_format
+    from .formats.adapterhub_heads import read_flex_head
+
+    if not (folder / HEAD_CONFIG).is_file() or detect_format(folder) != "adapterhub":
+        return None
+    return read_flex_head(folder, model.config, f"AdapterHub head in {str(folder)!r}")
 
 
 def _last_head(model: AdapterModelMixin, setup: Any) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import Capture, flatten_call, guard_key, trace_layer
+from .capture import Capture, SizeGuardMiss, flatten_call, guard_key, trace_layer
 from .rewrite import LayerPlan, build_runner
 from .sites import SiteReport, find_sites
 
@@ -41,6 +41,7 @@ class LayerState:
 
     orig_class: type
     index: int
+    model_type: str | None = None  # the HF config's, for find_sites' peer-placement rows
     plan: LayerPlan = field(default_factory=LayerPlan)
     # guard key -> captures for it (several only when captures also differ in baked branch flags)
     traced: dict[tuple, list[Traced]] = field(default_factory=dict)
@@ -54,7 +55,12 @@ class LayerState:
 
     def __getstate__(self) -> dict[str, Any]:
         # generated code and graphs are cheap to rebuild and not picklable: drop them
-        return {"orig_class": self.orig_class, "index": self.index, "plan": self.plan}
+        return {
+            "orig_class": self.orig_class,
+            "index": self.index,
+            "model_type": self.model_type,
+            "plan": self.plan,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -62,7 +68,7 @@ class LayerState:
     def __deepcopy__(self, memo: dict) -> LayerState:
         import copy
 
-        return LayerState(self.orig_class, self.index, copy.deepcopy(self.plan, memo))
+        return LayerState(self.orig_class, self.index, self.model_type, copy.deepcopy(self.plan, memo))
 
     def set_plan(self, plan: LayerPlan) -> None:
         if plan == self.plan and plan:
@@ -82,30 +88,64 @@ class LayerState:
     def add_traced(self, key: tuple, traced: Traced) -> None:
         self.traced.setdefault(key, []).append(traced)
 
-    def find_traced(self, layer: nn.Module, key: tuple, leaves: list[Any]) -> Traced | None:
+    def find_traced(
+        self, layer: nn.Module, key: tuple, leaves: list[Any], exclude: tuple[Capture, ...] = ()
+    ) -> Traced | None:
         for traced in self.traced.get(key, ()):
-            if traced.capture.guards_hold(layer, leaves):
+            if traced.capture not in exclude and traced.capture.guards_hold(layer, leaves):
                 return traced
         return None
 
-    def trace(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]) -> Traced:
-        traced = self.find_traced(layer, key, leaves)
+    def trace(
+        self,
+        layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        key: tuple,
+        leaves: list[Any],
+        exclude: tuple[Capture, ...] = (),
+    ) -> Traced:
+        traced = self.find_traced(layer, key, leaves, exclude)
         if traced is None:
             # a new kind of call at run time: verified against the values computed while tracing it
             capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
-            traced = Traced(capture, find_sites(layer, capture.graph))
+            traced = Traced(capture, find_sites(layer, capture.graph, self.model_type))
             self.add_traced(key, traced)
         return traced
 
-    def runner_for(self, layer: nn.Module, key: tuple, leaves: list[Any]) -> Callable[..., Any] | None:
-        for capture, runner, _ in self.runners.get(key, ()):
-            if not capture.value_guards or capture.guards_hold(layer, leaves):
-                return runner
-        return None
+    def run(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]) -> Any:
+        """Run the generated code for this call, building it first if this kind of call is new. Captures that
+        baked a branch on sizes raise :class:`SizeGuardMiss` for a call taking the other branch: the next
+        capture is tried, or a new one traced."""
+        missed: list[Capture] = []
+        entries = self.runners.get(key, ())
+        for i, (capture, runner, _) in enumerate(entries):
+            if capture.value_guards and not capture.guards_hold(layer, leaves):
+                continue
+            if not capture.size_guards:
+                return runner(layer, leaves)
+            try:
+                out = runner(layer, leaves)
+            except SizeGuardMiss:
+                missed.append(capture)
+                continue
+            if i:  # most recently used first: alternating branches cost one miss, not many
+                entries.insert(0, entries.pop(i))
+            return out
+        runner = self.build(layer, args, kwargs, key, leaves, tuple(missed))
+        return runner(layer, leaves)
 
     @torch.compiler.disable
-    def build(self, layer: nn.Module, args: tuple, kwargs: dict, key: tuple, leaves: list[Any]):
-        traced = self.trace(layer, args, kwargs, key, leaves)
+    def build(
+        self,
+        layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        key: tuple,
+        leaves: list[Any],
+        exclude: tuple[Capture, ...] = (),
+    ):
+        traced = self.trace(layer, args, kwargs, key, leaves, exclude)
         notes: list[str] = []
         runner, source = build_runner(layer, traced.capture, traced.report, self.plan, notes)
         self.runners.setdefault(key, []).append((traced.capture, runner, source))
@@ -145,10 +185,7 @@ def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return state.orig_class.forward(self, *args, **kwargs)
     leaves, spec = flatten_call(args, kwargs)
     key = guard_key(self, leaves, spec)
-    runner = state.runner_for(self, key, leaves)
-    if runner is None:
-        runner = state.build(self, args, kwargs, key, leaves)
-    return runner(self, leaves)
+    return state.run(self, args, kwargs, key, leaves)
 
 
 def _rebuild(orig_class: type) -> nn.Module:
@@ -181,12 +218,12 @@ def fxadapt_class(orig: type) -> type:
     return sub
 
 
-def install(layer: nn.Module, index: int) -> LayerState:
+def install(layer: nn.Module, index: int, model_type: str | None = None) -> LayerState:
     """Swap ``layer``'s class for its fxadapt subclass (idempotent) and return its state."""
     state = layer_state(layer)
     if state is None:
         orig = type(layer)
-        state = LayerState(orig, index)
+        state = LayerState(orig, index, model_type)
         layer.__dict__[_STATE] = state
         layer.__class__ = fxadapt_class(orig)
     return state

@@ -2,7 +2,8 @@
 
 ``adapter_config.json``
     ``{"format": "fxadapt", "fxadapt_version", "name", "config": {...method config...},
-    "base_model": {"model_type", "architecture", "hidden_size", "num_layers"}, "sites": {"<layer>": [kinds]},
+    "base_model": {"model_type", "architecture", "hidden_size", "num_layers", "name_or_path"},
+    "sites": {"<layer>": [kinds]},
     "head": {...} | null}``
 ``adapter_model.safetensors``
     adapter weights keyed ``layers.<index>.<site_key>.<param>`` (independent of the model wrapper, so an adapter
@@ -28,7 +29,7 @@ from torch import nn
 
 from . import __version__
 from .api import activate as fxadapt_activate
-from .api import active_adapters, adapter_parameters, head_parameters, inject, remove
+from .api import active_adapters, adapter_state, head_parameters, inject, remove
 from .errors import CheckpointError, ConfigError, FxAdaptError
 from .methods.base import config_from_dict
 from .model import CONTAINER, get_state, layers_of
@@ -50,6 +51,8 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "architecture": type(model).__name__,
         "hidden_size": getattr(config, "hidden_size", None),
         "num_layers": len(paths),
+        # where `fxadapt convert` finds the base model
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
     }
 
 
@@ -81,7 +84,7 @@ def save_adapter(
 
         raise _no_adapters(model)
     record = state.record(name)
-    params = adapter_parameters(model, name)
+    params = adapter_state(model, name)  # parameters and persistent buffers
     tensors: dict[str, torch.Tensor] = {}
     for full, p in params.items():
         layer_path, rest = full.split(f".{CONTAINER}.{name}.", 1)
@@ -230,7 +233,7 @@ def load_adapter(
     try:
         state = get_state(model)
         assert state is not None
-        params = adapter_parameters(model, adapter_name)
+        params = adapter_state(model, adapter_name)
         expected = {}
         for full, p in params.items():
             layer_path, rest = full.split(f".{CONTAINER}.{adapter_name}.", 1)

@@ -113,6 +113,12 @@ def why_not_fused(
     if isinstance(module, (list, tuple)):
         return _bank_reason(list(module), proj=proj, x_dtype=x_dtype)
     if _is_bottleneck(module):
+        if not isinstance(module.down, nn.Linear) or not isinstance(module.up, nn.Linear):
+            return "PHM (Compacter) projections are not part of the fused kernel"
+        if getattr(module, "gate", None) is not None:
+            return "the adapter gate (use_gating) is not part of the fused kernel"
+        if getattr(module, "drop_path", 0.0) > 0:
+            return f"drop path (stochastic_depth={module.drop_path}) is not part of the fused kernel"
         if module.norm_before is not None or module.norm_after is not None:
             return "ln_before/ln_after are not part of the fused kernel"
         if module.training and _dropout_p(module) > 0:
@@ -127,6 +133,10 @@ def why_not_fused(
     if _is_lora(module):
         if not hasattr(module, "lora_A"):
             return "(IA)^3 scales the projection output: no fused kernel (one elementwise multiply)"
+        if getattr(module, "rewrites_output", False) or getattr(module, "scales_input", False):
+            return f"{type(module).__name__} is not a plain low-rank update: no fused kernel"
+        if type(module).__name__ != "LoRA":
+            return f"{type(module).__name__} has no fused kernel (only the plain LoRA update has)"
         if module.start != 0 or module.stop != module.width:
             return (
                 "the site is a slice of a fused projection (attn.q of c_attn); the fused GEMM writes it whole"

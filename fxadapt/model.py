@@ -18,6 +18,8 @@ from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, nearest
 from .install import LayerState, Traced, layer_state
 from .methods.base import AdapterConfig
+from .parts import governing_config
+from .progress import track
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
 from .sites import find_sites
 
@@ -32,18 +34,18 @@ __all__ = [
 ]
 
 _MODEL_STATE = "_fxadapt_model"
-MODEL_LEVEL_KINDS = frozenset({"embed"})
 CONTAINER = "fxadapt"
 
 
 @dataclass
 class AdapterRecord:
     config: AdapterConfig
-    placements: dict[int, tuple[str, ...]]  # layer index -> site kinds
+    placements: dict[int, tuple[str, ...]]  # layer index -> site kinds and model parts held in its container
     sites: dict[tuple[int, str], Any] = field(
         default_factory=dict
-    )  # (layer, kind) -> ResidualSite/ModuleSite
+    )  # (layer, kind) -> ResidualSite/ModuleSite; model parts (applied by hooks) have no entry
     merged: bool = False  # folded into the base weights: not in any plan while merged
+    members: dict[str, int] = field(default_factory=dict)  # union adapters: site kind -> governing member
 
 
 @dataclass
@@ -96,7 +98,8 @@ def layers_of(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
-    """Small example inputs built from the model's config (token ids, or pixels for vision models)."""
+    """Small example inputs built from the model's config: token ids (with a padded row), pixels, audio
+    features or raw audio, for every modality the model's forward takes and its config describes."""
     config = getattr(model, "config", None)
     try:
         param = next(model.parameters())
@@ -104,36 +107,111 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> di
         float_dtype = param.dtype if param.is_floating_point() else torch.float32
     except StopIteration:
         device, float_dtype = torch.device("cpu"), torch.float32
+    params = _forward_params(model)
     name = getattr(model, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(0)
+    wanted = [name]
+    # multimodal models (a text and a vision tower) need every modality
+    for sub, inp in (("text_config", "input_ids"), ("vision_config", "pixel_values")):
+        if (
+            config is not None
+            and getattr(config, sub, None) is not None
+            and inp in params
+            and inp not in wanted
+        ):
+            wanted.append(inp)
     inputs: dict[str, Any] = {}
-    if name == "input_ids" and config is not None and getattr(config, "vocab_size", None):
-        vocab = int(config.vocab_size)
-        inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    for inp in wanted:
+        value = _build_input(inp, config, batch, seq, gen)
+        if value is None:
+            raise CaptureError(
+                f"cannot build example inputs for {type(model).__name__} (input {inp!r} from its config); pass "
+                "example_inputs={...} with a small batch of real inputs"
+            )
+        inputs[inp] = value.to(device, float_dtype) if value.is_floating_point() else value.to(device)
+    if "input_ids" in inputs and "attention_mask" in params:
         mask = torch.ones(batch, seq, dtype=torch.long)
         mask[-1, -2:] = 0  # a padded row, so masks reach the layers as tensors (the usual training case)
         inputs["attention_mask"] = mask.to(device)
-        if getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = torch.randint(
-                0, vocab, (batch, max(seq // 2, 1)), generator=gen
-            ).to(device)
-    elif name == "pixel_values" and config is not None and getattr(config, "image_size", None):
-        size = config.image_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        channels = getattr(config, "num_channels", 3)
-        inputs["pixel_values"] = torch.randn(batch, channels, *size, generator=gen).to(device, float_dtype)
-    else:
-        raise CaptureError(
-            f"cannot build example inputs for {type(model).__name__} (main input {name!r}); pass "
-            "example_inputs={...} with a small batch of real inputs"
+    if config is not None and getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        vocab = int(_config_value(config, "vocab_size") or 2)
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(seq // 2, 1)), generator=gen).to(
+            device
         )
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        params = {}
-    if "use_cache" in params:
-        inputs["use_cache"] = False
     return inputs
+
+
+def _forward_params(model: nn.Module) -> dict[str, Any]:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model(...)`` understands ``use_cache``: a parameter, or ``**kwargs`` of a model with a cache."""
+    params = _forward_params(model)
+    if "use_cache" in params:
+        return True
+    kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return kwargs and hasattr(getattr(model, "config", None), "use_cache")
+
+
+def _config_value(config: Any, name: str, subs: tuple[str, ...] = ("text_config", "vision_config")) -> Any:
+    value = getattr(config, name, None)
+    if value is None:
+        for sub in subs:
+            value = getattr(getattr(config, sub, None), name, None)
+            if value is not None:
+                break
+    return value
+
+
+def _build_input(name: str, config: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor | None:
+    if config is None:
+        return None
+    if name == "input_ids":
+        vocab = _config_value(config, "vocab_size", ("text_config",))
+        return torch.randint(0, int(vocab), (batch, seq), generator=gen) if vocab else None
+    if name == "pixel_values":
+        size = _config_value(config, "image_size", ("vision_config",))
+        if size is None:
+            return None
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        channels = _config_value(config, "num_channels", ("vision_config",)) or 3
+        return torch.randn(batch, channels, *size, generator=gen)
+    if name == "input_features":
+        mels = getattr(config, "num_mel_bins", None)
+        if mels and getattr(config, "max_source_positions", None):  # Whisper: a fixed number of frames
+            return torch.randn(batch, mels, 2 * config.max_source_positions, generator=gen)
+        feat = getattr(config, "input_feat_per_channel", None) or mels
+        if feat:  # Speech2Text-style [batch, frames, features]
+            channels = getattr(config, "input_channels", 1)
+            return torch.randn(batch, 4 * seq, feat * channels, generator=gen)
+        return None
+    if name == "input_values":  # raw audio: enough samples for ``seq`` frames of the conv feature encoder
+        kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+        samples = 16000
+        if kernels and strides:
+            samples = seq
+            for k, st in reversed(list(zip(kernels, strides))):
+                samples = (samples - 1) * st + k
+        return torch.randn(batch, samples, generator=gen)
+    return None
+
+
+def prepare_inputs(model: nn.Module, example_inputs: Any) -> Any:
+    """The priming call's inputs: the config-built defaults, or the user's with ``use_cache=False`` added where
+    the model takes it and the user did not set it (a live cache would be captured into every layer)."""
+    inputs = default_example_inputs(model) if example_inputs is None else example_inputs
+    if isinstance(inputs, dict) and "use_cache" not in inputs and _takes_use_cache(model):
+        inputs = {**inputs, "use_cache": False}
+    return inputs
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """The HF config's ``model_type`` (None for other models)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -148,11 +226,11 @@ def prime(
     model: nn.Module, layers: list[nn.Module], example_inputs: Any = None
 ) -> list[tuple[tuple, Traced]]:
     """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced)."""
-    inputs = default_example_inputs(model) if example_inputs is None else example_inputs
+    inputs = prepare_inputs(model, example_inputs)
     with torch.random.fork_rng(devices=[]):
         calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
     out = []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(track(layers, desc="fxadapt: tracing layers", unit="layer")):
         if id(layer) not in calls:
             raise CaptureError(
                 f"layer {index} ({type(layer).__name__}) was not called by the example forward; pass "
@@ -166,7 +244,7 @@ def prime(
         if traced is None:
             orig = state.orig_class if state is not None else type(layer)
             capture = trace_layer(layer, orig.forward, args, kwargs)
-            traced = Traced(capture, find_sites(layer, capture.graph))
+            traced = Traced(capture, find_sites(layer, capture.graph, model_type_of(model)))
         out.append((key, traced))
     return out
 
@@ -182,10 +260,10 @@ def plan_for(state: ModelState, index: int) -> LayerPlan:
         if record.merged:
             continue
         for kind in record.placements.get(index, ()):
-            if kind in MODEL_LEVEL_KINDS:  # applied by hooks on the model's input, not in a layer's code
+            if (index, kind) not in record.sites:  # a model part: its method's hooks apply it, not layer code
                 continue
             sites.setdefault(kind, []).append(
-                AdapterRef(name, f"{CONTAINER}.{name}.{site_key(kind)}", record.config)
+                AdapterRef(name, f"{CONTAINER}.{name}.{site_key(kind)}", governing_config(record, kind))
             )
     fusions: dict[str, list[tuple[str, str, Any]]] = {}
     for fuse in _fuse_blocks(setup):

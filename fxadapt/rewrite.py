@@ -99,12 +99,19 @@ class Emitter:
         )
         self.notes: list[str] = []  # what was lowered or why not, for explain()
 
-    def node(self, name: str) -> fx.Node:
+    def node(self, name: str | None) -> fx.Node | None:
+        """The node called ``name``, or what an earlier rewrite replaced it with (None for None: a site without
+        a residual input)."""
+        if name is None:
+            return None
         return self.aliases.get(name) or self._nodes[name]
 
     @contextmanager
-    def after(self, name: str) -> Iterator[None]:
-        self._cursor = self.node(name)
+    def after(self, *names: str | None) -> Iterator[None]:
+        """Emit new nodes right after the last (in graph order) of the nodes ``names``."""
+        nodes = [self.node(n) for n in names if n is not None]
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self._cursor = max(nodes, key=order.__getitem__)
         try:
             yield
         finally:
@@ -128,13 +135,18 @@ class Emitter:
         self.inserted.append(node)
         return node
 
-    def add(self, a: fx.Node, b: fx.Node) -> fx.Node:
+    def add(self, a: fx.Node | None, b: fx.Node | None) -> fx.Node | None:
+        """``a + b``; a None operand (a site without residual input) is the identity."""
+        if a is None or b is None:
+            return b if a is None else a
         return self._emit(lambda: self.graph.call_function(operator.add, (a, b)))
 
     def mul(self, a: fx.Node, b: Any) -> fx.Node:
         return self._emit(lambda: self.graph.call_function(operator.mul, (a, b)))
 
-    def getitem(self, a: fx.Node, index: Any) -> fx.Node:
+    def getitem(self, a: fx.Node | None, index: Any) -> fx.Node | None:
+        if a is None:
+            return None
         return self._emit(lambda: self.graph.call_function(operator.getitem, (a, index)))
 
     def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
@@ -223,7 +235,12 @@ def build_runner(
         notes.append(f"not lowered: {why}")
     for site_plan in plan.sites:
         site = report.site(site_plan.site)
-        if site is None and site_plan.site in MODULE_SITE_KINDS and capture.has_opaque_inputs:
+        if (
+            site is None
+            and site_plan.site.split(".")[0] == "cross"
+            and site_plan.site in MODULE_SITE_KINDS
+            and capture.has_opaque_inputs
+        ):
             # a projection this call does not run (cross-attention k/v read back from a cache): nothing to adapt
             continue
         if site is None:

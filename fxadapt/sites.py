@@ -1,20 +1,37 @@
 """Sites: named places in a captured layer graph where adapters attach.
 
-Residual sites come from graph structure, not module names: a residual ``add`` whose one operand is produced
-(through dropout, casts and tuple indexing) by a Linear-like call or a leaf attention call, and whose other
-operand is the residual stream. The producer's module scope decides the kind:
+Residual sites come from graph structure, not module names. The layer's first tensor input is the **residual
+stream**; walking the graph in order, an ``add`` with one operand on the stream and the other (``h``) computed
+from the stream through weights (a projection, an attention call, an opaque weighted module) is a **residual
+add**, and its result is the stream from then on (with its norm, when a norm follows at once: post-LN layers).
+``h`` is the sublayer output *as it arrives at the add*: after dropout, casts, data movement, layer scale or a
+residual multiplier. What the sublayer computed decides the kind:
 
 ===========  =====================================================================================
-kind         the producer lies in ...
+kind         the sublayer (every op between the stream and ``h``) ...
 ===========  =====================================================================================
-attn.out     a module scope that performs self-attention (the attention call reads the layer input)
-cross.out    a scope whose attention reads keys from elsewhere (encoder states or a cross cache)
-ffn.out      any other scope (the feed-forward block)
+attn.out     contains an attention call or softmax over keys computed from the stream
+cross.out    contains an attention whose keys come from elsewhere (encoder states, a cross cache)
+ffn.out      contains no attention (feed-forward blocks, mixture-of-experts blocks with shared experts)
 ===========  =====================================================================================
 
-A post-LN layer (BERT family, BART) normalises the add right away: the norm becomes part of the site, since
-adapters such as ``seq_bn`` apply it themselves. Module sites (``attn.q/k/v/o``, ``ffn.up/gate/down``) are the
-Linear calls themselves, classified by data flow into and out of the attention call.
+Three structures give **branch sites** (``mode="branch"``), where the adapter's output replaces ``h`` and the
+model then applies what follows ``h`` (its norm, the add) unchanged:
+
+- a norm between the projection and the add ("sandwich" post-norms: Gemma-2/3, OLMo-2): ``h`` is the norm's
+  input and the norm is the site's norm (AdapterHub's placement for Gemma-2/3: the adapter acts on the
+  projection output and ``original_ln_before`` uses the post-norm);
+- parallel residual branches summed before the residual add (``x + (attn + mlp)``: GPT-J, GPT-NeoX, Phi,
+  Falcon, CodeGen): one site per branch, ``h`` the branch as it reaches the branch sum, ``x`` the stream;
+- a quirk row of :data:`PEER_PLACEMENT` (below) where a peer library defines the placement differently.
+
+Module sites are the projections themselves, classified by data flow: around each attention call (HF
+attention function or SDPA: its query/key/value arguments) or hand-written attention (``softmax(q @ kᵀ) @ v``:
+the left operand of the score matmul is q, its right operand k, the operand of the matmul after the softmax
+v), the projection producing each operand is ``attn.q/k/v`` and the first projection consuming the attention
+output is ``attn.o``. A fused projection feeding several roles gives ``attn.qkv`` plus each role as the part of
+its output features that reaches that role, whatever the split (see ``provenance.py``). The down projection of a
+feed-forward site is ``ffn.down``, the projections feeding it ``ffn.up`` / ``ffn.gate``.
 
 Every rejected candidate keeps its reason, so ``explain()`` can say why an add is not a site.
 """
@@ -22,19 +39,37 @@ Every rejected candidate keeps its reason, so ``explain()`` can say why an add i
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import is_attention_function, replay_forward_hooks
+from .graphs import (
+    ADD_TARGETS,
+    ATTENTION_OPS,
+    ancestors,
+    has_input_ancestor,
+    is_attention,
+    is_attention_function,
+    is_matmul,
+    is_movement,
+    is_norm,
+    is_projection,
+    is_softmax,
+    is_weighted,
+    module_of,
+    pass_through_input,
+    tensor_inputs,
+    tensor_shape,
+)
+from .provenance import FEATURES
 
 __all__ = [
     "MODULE_SITE_KINDS",
+    "PEER_PLACEMENT",
     "RESIDUAL_SITE_KINDS",
     "SITE_KINDS",
+    "AttentionSite",
     "ModuleSite",
     "ResidualSite",
     "SiteReport",
@@ -56,6 +91,7 @@ MODULE_SITE_KINDS: dict[str, str] = {
     "cross.q": "cross-attention query projection",
     "cross.k": "cross-attention key projection",
     "cross.v": "cross-attention value projection",
+    "cross.qkv": "fused cross-attention query/key/value projection",
     "cross.o": "cross-attention output projection",
     "ffn.up": "feed-forward up projection",
     "ffn.gate": "feed-forward gate projection",
@@ -63,41 +99,75 @@ MODULE_SITE_KINDS: dict[str, str] = {
 }
 SITE_KINDS = {**RESIDUAL_SITE_KINDS, **MODULE_SITE_KINDS}
 
-_ADD_TARGETS = {operator.add, operator.iadd, torch.add}
-_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout}
-_CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "contiguous", "type_as"}
-_SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
-# fused attention ops called directly by some modelling code (BERT's SDPA path in transformers 4.x)
-_ATTENTION_OPS = {torch.nn.functional.scaled_dot_product_attention}
+# Placements a peer library defines differently from the rules above, checked side by side with AdapterHub
+# `adapters` 1.3.0 (tests/peer). One row per quirk: model_type -> {site kind: residual input of the adapter}.
+#   "stream+branches": the stream plus the other parallel branches that reach it first (AdapterHub's GPT-J
+#                      block adds the attention branch to the stream before the feed-forward adapter)
+#   "none":            no residual input (AdapterHub's Phi interface hooks nothing before the feed-forward)
+#   "sublayer_input":  the sublayer's normalised input (AdapterHub's ModernBERT interface hooks ``mlp``/``attn``)
+#   "swapped":         the adapter reads the stream, and the sublayer output is its residual input (AdapterHub's
+#                      ALBERT attention passes ``(hidden_states, attention_output)`` in that order)
+PEER_PLACEMENT: dict[str, dict[str, str]] = {
+    "albert": {"attn.out": "swapped"},
+    "gptj": {"ffn.out": "stream+branches"},
+    "phi": {"ffn.out": "none"},
+    "modernbert": {"attn.out": "sublayer_input", "ffn.out": "sublayer_input"},
+}
 
 
 @dataclass(frozen=True)
 class ResidualSite:
-    """A residual add ``h + x`` (optionally followed by a norm) where a bottleneck adapter can attach."""
+    """A residual add ``h + x`` where a bottleneck adapter can attach.
+
+    ``mode="sum"``: the adapter's output replaces the add (and ``norm``, the post-LN right after it).
+    ``mode="branch"``: the adapter's output replaces ``h``; ``norm`` is the norm the model applies to ``h``
+    (sandwich post-norm) or None; the model's own ops after ``h`` stay. ``x`` is the residual input the adapter
+    sees (None where it has none); ``extra`` names values added to ``x`` first (peer placements)."""
 
     kind: str
     add: str  # node name of the residual add
-    h: str  # operand from the sublayer (after dropout)
-    x: str  # operand from the residual stream
-    norm: str | None  # node name of the post-LN call normalising the add, if any
+    h: str  # operand from the sublayer (as it arrives at the add, or at the branch sum / norm)
+    x: str | None  # the residual input
+    norm: str | None  # post-LN after the add (sum mode) or the norm applied to h (branch mode)
     producer: str  # module path (or function) producing h
     hidden_size: int = 0  # last dimension of the residual stream
+    mode: str = "sum"
+    extra: tuple[str, ...] = ()
+    feature_dim: int = -1  # where the features are: -1, or 1 for a channels-first stream (conv1d layers)
 
     @property
     def output(self) -> str:
-        """The node whose value leaves the site (the norm for post-LN layers, else the add)."""
+        """The node whose value the adapter's output replaces."""
+        if self.mode == "branch":
+            return self.h
         return self.norm or self.add
 
 
 @dataclass(frozen=True)
 class ModuleSite:
-    """A Linear-like call (``attn.q``, ``ffn.up``, ...); for a fused projection (GPT-2's ``c_attn``), the slice of
-    its output features that is this site's (``attn.q`` = ``c_attn`` outputs ``[0, d)``)."""
+    """A projection call (``attn.q``, ``ffn.up``, ...). For a fused projection (GPT-2's ``c_attn``, GPT-NeoX's
+    ``query_key_value``), ``out_ranges`` are the output features that are this site's: one ``(start, stop)`` run
+    for a contiguous part, several for parts interleaved per head. ``nodes`` are every call of the module in
+    the layer (DeBERTa calls its key projection on the relative embeddings too)."""
 
     kind: str
     module: str  # module path inside the layer
     node: str
-    out_slice: tuple[int, int] | None = None
+    out_ranges: tuple[tuple[int, int], ...] | None = None
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def out_slice(self) -> tuple[int, int] | None:
+        """The contiguous part ``(start, stop)`` of a fused projection; None for a whole or interleaved one."""
+        return self.out_ranges[0] if self.out_ranges is not None and len(self.out_ranges) == 1 else None
+
+    @property
+    def interleaved(self) -> bool:
+        return self.out_ranges is not None and len(self.out_ranges) > 1
+
+    @property
+    def calls(self) -> tuple[str, ...]:
+        return self.nodes or (self.node,)
 
 
 @dataclass(frozen=True)
@@ -120,6 +190,7 @@ class SiteReport:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
     linears: dict[str, str] = field(default_factory=dict)  # every Linear-like call: module path -> node name
     attention: list[AttentionSite] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why module sites are missing (for explain)
 
     def residual_by_kind(self) -> dict[str, ResidualSite]:
         return {s.kind: s for s in self.residual}
@@ -127,7 +198,7 @@ class SiteReport:
     def module_by_kind(self) -> dict[str, ModuleSite]:
         return {s.kind: s for s in self.modules}
 
-    def site(self, kind: str) -> ResidualSite | ModuleSite | None:
+    def site(self, kind: str) -> ResidualSite | ModuleSite | AttentionSite | None:
         """The site of a kind: a residual or module kind, or ``linear:<path>`` for any Linear call by path."""
         if kind.startswith("linear:"):
             path = kind[len("linear:") :]
@@ -146,46 +217,81 @@ class SiteReport:
         )
 
 
-def _module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    try:
-        return root.get_submodule(str(node.target))
-    except AttributeError:
-        return None
+# ---------------------------------------------------------------------------------------------------------------
+# the residual stream
 
 
-def is_linear_like(module: nn.Module | None) -> bool:
-    """nn.Linear and subclasses, HF's Conv1D, and other parameter-holding leaves with a 2-D weight."""
-    if module is None or isinstance(module, nn.Embedding):
-        return False
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and next(module.children(), None) is None
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in ADD_TARGETS:
+        return len(node.args) == 2 and not node.kwargs
+    return (
+        node.op == "call_method"
+        and node.target in ("add", "add_")
+        and len(node.args) == 2
+        and not node.kwargs
+    )
 
 
-def is_norm(module: nn.Module | None) -> bool:
-    if module is None:
-        return False
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-        return True
-    return type(module).__name__.lower().endswith("norm")
+def _primary_input(graph: fx.Graph) -> fx.Node | None:
+    """The residual stream's entry: the first tensor input of the layer output's rank and width."""
+    placeholders = [
+        n for n in graph.nodes if n.op == "placeholder" and n.meta.get("fxadapt_kind") == "tensor"
+    ]
+    output = next(n for n in graph.nodes if n.op == "output")
+    outs: list[fx.Node] = []
+    fx.node.map_arg(output.args, outs.append)
+    first = next((tensor_shape(n) for n in outs if tensor_shape(n)), None)
+    if first is not None:
+        for p in placeholders:
+            shape = tensor_shape(p)
+            if shape and len(shape) == len(first) and shape[-1] == first[-1]:
+                return p
+    return placeholders[0] if placeholders else None
 
 
-def _is_attention_leaf(root: nn.Module, node: fx.Node) -> bool:
-    if is_attention_function(node):
-        return True
-    module = _module_of(root, node)
-    return module is not None and "attention" in type(module).__name__.lower()
+class _Layer:
+    """One layer graph with the caches site rules share."""
 
+    def __init__(self, root: nn.Module, graph: fx.Graph, model_type: str | None):
+        self.root, self.graph = root, graph
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.primary = _primary_input(graph)
+        self.stream: set[fx.Node] = set() if self.primary is None else {self.primary}
+        self.quirks = PEER_PLACEMENT.get(model_type or "", {})
 
-def _is_softmax(root: nn.Module, node: fx.Node) -> bool:
-    if node.op == "call_function" and (node.target in _SOFTMAX_FUNCTIONS or node.target in _ATTENTION_OPS):
-        return True
-    if node.op == "call_method" and node.target == "softmax":
-        return True
-    return isinstance(_module_of(root, node), nn.Softmax)
+    def region(self, h: fx.Node) -> set[fx.Node]:
+        """The sublayer computing ``h``: ``h`` and its ancestors up to the stream."""
+        return ({h} | ancestors(h, stop=self.stream)) - self.stream
+
+    def reads_stream(self, node: fx.Node) -> bool:
+        return node in self.stream or bool(ancestors(node, tensors_only=True) & self.stream)
+
+    def walk_back(self, node: fx.Node) -> tuple[fx.Node, list[tuple[fx.Node, str]]]:
+        """Follow pass-through ops back from ``node``; returns the first other node and the ops passed."""
+        passed: list[tuple[fx.Node, str]] = []
+        while isinstance(node, fx.Node) and node not in self.stream:
+            src, kind = pass_through_input(self.root, node)
+            if src is None or not isinstance(src, fx.Node):
+                break
+            passed.append((node, kind))
+            node = src
+        return node, passed
+
+    def attention_in(self, region: set[fx.Node]) -> list[fx.Node]:
+        return [n for n in region if is_attention(self.root, n) or is_attention_softmax(self.root, n)]
+
+    def is_cross(self, attention: list[fx.Node]) -> bool:
+        """Keys of every attention in the sublayer come from outside the stream (encoder states, a cache)."""
+        keys = [k for a in attention for k in _key_operands(self.root, a)]
+        return bool(keys) and not any(self.reads_stream(k) for k in keys)
+
+    def producer(self, h: fx.Node) -> str:
+        node, _ = self.walk_back(h)
+        if node.op == "call_module":
+            return str(node.target)
+        stack = _stack_paths(node)
+        return stack[-1] if stack else node.name
 
 
 def _stack_paths(node: fx.Node) -> list[str]:
@@ -193,290 +299,443 @@ def _stack_paths(node: fx.Node) -> list[str]:
     return [path for path, _ in stack.values()]
 
 
-def _ancestors(node: fx.Node, tensors_only: bool = False) -> set[fx.Node]:
-    """Nodes ``node`` depends on; with ``tensors_only``, through tensor data flow only (not through sizes)."""
-    inputs = _tensor_inputs if tensors_only else (lambda n: n.all_input_nodes)
-    seen: set[fx.Node] = set()
-    todo = list(inputs(node))
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(inputs(n))
-    return seen
+def _qkv_args(node: fx.Node) -> list[fx.Node | None]:
+    """(query, key, value) inputs of an HF attention function (``module, query, key, value, ...``) or SDPA
+    (``query, key, value``), positional or by keyword; None for a missing one."""
+    first = 1 if is_attention_function(node) else 0
+    args = list(node.args[first : first + 3])
+    for i, name in enumerate(("query", "key", "value")):
+        if len(args) <= i:
+            args.append(node.kwargs.get(name))
+    return [a if isinstance(a, fx.Node) else None for a in args[:3]]
 
 
-def _through_transparent(root: nn.Module, node: fx.Node) -> fx.Node:
-    """Walk back through dropout, casts, hook replays and ``[0]`` of tuple-returning calls."""
-    while True:
-        if (
-            (node.op == "call_module" and isinstance(_module_of(root, node), nn.Dropout))
-            or (node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _CAST_METHODS)
-        ):
-            node = node.args[0]  # type: ignore[assignment]
-        elif node.op == "call_function" and node.target is replay_forward_hooks:
-            node = node.args[3]  # type: ignore[assignment]
-        elif node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-            node = node.args[0]  # type: ignore[assignment]
-        else:
-            return node
-        if not isinstance(node, fx.Node):
-            return node  # type: ignore[return-value]
+def _key_operands(root: nn.Module, node: fx.Node) -> list[fx.Node]:
+    """The key inputs of an attention call, or of the score matmuls feeding a softmax."""
+    if is_attention_function(node) or (node.op == "call_function" and node.target in ATTENTION_OPS):
+        key = _qkv_args(node)[1]
+        return [key] if key is not None else []
+    if is_softmax(root, node) and node.all_input_nodes:
+        return [r for _, r in _score_operands(node.all_input_nodes[0], root)]
+    return []
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """Inputs that carry tensors (sizes and shapes are not data flow for site classification)."""
-    return [n for n in node.all_input_nodes if n.meta.get("fxadapt_kind") != "size"]
+def is_attention_softmax(root: nn.Module, node: fx.Node) -> bool:
+    """A softmax over attention scores: its input comes from a matmul of two computed values (not a router's
+    softmax over a projection's logits)."""
+    if not is_softmax(root, node) or not node.all_input_nodes:
+        return False
+    return any(
+        has_input_ancestor(lft) and has_input_ancestor(r) and not is_projection(root, mm)
+        for lft, r, mm in _score_matmuls(node.all_input_nodes[0], root)
+    )
 
 
-def _tensor_shape(node: object) -> tuple | None:
-    if not isinstance(node, fx.Node):
-        return None
-    meta = node.meta.get("fxadapt_meta")
-    return meta[1] if meta else None
+def _matmul_operands(mm: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """(left, right) tensor operands of a matmul-like node (baddbmm: batch1/batch2; einsum: first two)."""
+    args = list(mm.args)
+    target = mm.target
+    if target == "baddbmm" or getattr(target, "__name__", "") == "baddbmm":
+        left = mm.kwargs.get("batch1", args[1] if len(args) > 1 else None)
+        right = mm.kwargs.get("batch2", args[2] if len(args) > 2 else None)
+    elif getattr(target, "__name__", "") == "einsum":
+        ops = [a for a in args[1:] if isinstance(a, fx.Node)]
+        if len(ops) == 1 and isinstance(args[1], (list, tuple)):
+            ops = [a for a in args[1] if isinstance(a, fx.Node)]
+        left, right = [*ops, None, None][:2]
+    else:
+        left, right = [*args, None, None][:2]
+    return (left if isinstance(left, fx.Node) else None, right if isinstance(right, fx.Node) else None)
 
 
-@dataclass
-class _Scope:
-    path: str
-    cross: bool
+def _score_operands(start: fx.Node, root: nn.Module | None = None) -> list[tuple[fx.Node, fx.Node]]:
+    """(left, right) operands of the matmuls reached walking back from ``start`` (the softmax input), stopping
+    at the first matmul on each path."""
+    return [(lft, r) for lft, r, _ in _score_matmuls(start, root)]
 
 
-def _attention_scopes(root: nn.Module, graph: fx.Graph, primary: fx.Node | None) -> list[_Scope]:
-    scopes: list[_Scope] = []
-    for node in graph.nodes:
-        if not (_is_attention_leaf(root, node) or _is_softmax(root, node)):
-            continue
-        paths = _stack_paths(node)
-        if not paths:
-            continue
-        path = paths[0]
-        if any(s.path == path for s in scopes):
-            continue
-        if is_attention_function(node) and len(node.args) > 2 and isinstance(node.args[2], fx.Node):
-            keys_from = node.args[2]  # HF attention functions: (module, query, key, value, ...)
-        elif node.op == "call_function" and node.target in _ATTENTION_OPS and len(node.args) > 1:
-            keys_from = node.args[1]  # sdpa(query, key, value, ...)
-        else:
-            keys_from = node
-        cross = (
-            primary is not None
-            and keys_from is not primary
-            and primary not in _ancestors(keys_from, tensors_only=True)
-        )
-        if not cross and primary is not None and keys_from is node and node.all_input_nodes:
-            # hand-written attention (softmax(q @ kᵀ)): cross if every score matmul reads keys from other states
-            matmuls = _nearest_matmuls(node.all_input_nodes[0])
-            cross = bool(matmuls) and all(
-                primary not in _ancestors(mm.args[1], tensors_only=True)
-                for mm in matmuls
-                if isinstance(mm.args[1], fx.Node)
-            )
-        scopes.append(_Scope(path, cross))
-    return scopes
-
-
-_MATMULS = {torch.matmul, torch.bmm, operator.matmul}
-
-
-def _nearest_matmuls(start: fx.Node) -> list[fx.Node]:
-    """Matmul nodes reached walking back from ``start`` along tensor inputs, stopping at the first on each path."""
+def _score_matmuls(start: fx.Node, root: nn.Module | None = None) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
     found, todo, seen = [], [start], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if (n.op == "call_function" and n.target in _MATMULS) or (
-            n.op == "call_method" and n.target in ("matmul", "bmm")
-        ):
-            found.append(n)
+        if is_matmul(n, root):
+            left, right = _matmul_operands(n)
+            if left is not None and right is not None:
+                found.append((left, right, n))
             continue
-        todo.extend(_tensor_inputs(n))
+        todo.extend(tensor_inputs(n))
     return found
 
 
-def _scope_of(path: str, scopes: Iterable[_Scope]) -> _Scope | None:
-    for s in scopes:
-        if path == s.path or path.startswith(s.path + "."):
-            return s
-    return None
+def find_sites(root: nn.Module, graph: fx.Graph, model_type: str | None = None) -> SiteReport:
+    """Find residual and module sites in a captured layer graph (see the module docstring for the rules).
 
-
-def _producer_path(root: nn.Module, node: fx.Node) -> str | None:
-    """Module path of a Linear-like or attention producer, else None."""
-    if node.op == "call_module":
-        module = _module_of(root, node)
-        if is_linear_like(module) or _is_attention_leaf(root, node):
-            return str(node.target)
-        return None
-    if is_attention_function(node):
-        paths = _stack_paths(node)
-        return paths[-1] if paths else ""
-    return None
-
-
-def find_sites(root: nn.Module, graph: fx.Graph) -> SiteReport:
-    """Find residual and module sites in a captured layer graph (see the module docstring for the rules)."""
+    ``model_type`` (the HF config's) selects the :data:`PEER_PLACEMENT` rows; nothing else depends on it."""
     report = SiteReport()
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    primary = placeholders[0] if placeholders else None
-    scopes = _attention_scopes(root, graph, primary)
-
-    def kind_for(path: str, prefix_self: str, prefix_cross: str, default: str) -> str:
-        scope = _scope_of(path, scopes)
-        if scope is None:
-            return default
-        return prefix_cross if scope.cross else prefix_self
-
-    seen_kinds: dict[str, int] = {}
+    layer = _Layer(root, graph, model_type)
+    if layer.primary is None:
+        report.notes.append("the layer has no tensor input: no residual stream")
+        return report
+    sites: list[ResidualSite] = []
     for node in graph.nodes:
-        is_add = (node.op == "call_function" and node.target in _ADD_TARGETS) or (
-            node.op == "call_method" and node.target in ("add", "add_")
-        )
-        if not is_add or len(node.args) != 2 or node.kwargs:
+        if node in layer.stream:
             continue
-        a, b = node.args
-        shape = _tensor_shape(node)
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or shape is None:
+        src, kind = pass_through_input(root, node)
+        if kind in ("cast", "dropout", "move") and src in layer.stream and _same_width(node, src):
+            layer.stream.add(node)  # the stream cast, passed through or reshaped (OPT: ``reshape(-1, d)``)
             continue
-        if _tensor_shape(a) != shape or _tensor_shape(b) != shape:
-            report.rejected.append(
-                (node.name, "operands differ in shape from the result (a broadcast, not a residual)")
-            )
-            continue
-        producers = [_producer_path(root, _through_transparent(root, op)) for op in (a, b)]
-        if producers[0] is not None and producers[1] is not None:
-            report.rejected.append(
-                (
-                    node.name,
-                    f"both operands come from projections ({producers[0]}, {producers[1]}): no residual stream",
-                )
-            )
-            continue
-        if producers[0] is None and producers[1] is None:
-            report.rejected.append((node.name, "neither operand comes from a Linear-like or attention call"))
-            continue
-        h, x = (a, b) if producers[0] is not None else (b, a)
-        producer = producers[0] if producers[0] is not None else producers[1]
-        assert producer is not None
-        if h in _ancestors(x) or h is x:
-            report.rejected.append((node.name, "the residual operand depends on the sublayer output"))
-            continue
-        kind = kind_for(producer, "attn.out", "cross.out", "ffn.out")
-        count = seen_kinds.get(kind, 0)
-        seen_kinds[kind] = count + 1
-        if count:
-            kind = f"{kind}.{count}"
-        norm = None
-        users = list(node.users)
-        if (
-            len(users) == 1
-            and users[0].op == "call_module"
-            and is_norm(_module_of(root, users[0]))
-            and users[0].args
-            and users[0].args[0] is node
-        ):
-            norm = users[0].name
-        report.residual.append(ResidualSite(kind, node.name, h.name, x.name, norm, producer, int(shape[-1])))
-
-    report.modules = _module_sites(root, graph, scopes, report.residual)
+        if _is_add(node):
+            sites.extend(_residual_add(layer, node, report))
+    counts: dict[str, int] = {}
+    for site in sites:
+        n = counts.get(site.kind, 0)
+        counts[site.kind] = n + 1
+        report.residual.append(replace(site, kind=f"{site.kind}.{n}") if n else site)
+    report.modules = _module_sites(layer, report)
+    report.attention = _attention_sites(layer)
     for node in graph.nodes:
-        # HF attention functions take (module, query, key, value, mask, ...); the fused SDPA op (query, key, ...)
-        first = 1 if is_attention_function(node) else 0
-        if not (first or (node.op == "call_function" and node.target in _ATTENTION_OPS)):
-            continue
-        if len(node.args) < first + 3 or not isinstance(node.args[first + 1], fx.Node):
-            continue
-        meta = node.args[first + 1].meta.get("fxadapt_meta")
-        q = node.args[first]
-        q_meta = q.meta.get("fxadapt_meta") if isinstance(q, fx.Node) else None
-        stack = _stack_paths(node)
-        scope = _scope_of(stack[-1] if stack else "", scopes)
-        if meta and len(meta[1]) == 4:
-            kind = "cross.kv" if scope is not None and scope.cross else "attn.kv"
-            if all(a.kind != kind for a in report.attention):
-                q_heads = q_meta[1][1] if q_meta and len(q_meta[1]) == 4 else meta[1][1]
-                report.attention.append(
-                    AttentionSite(kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads, first)
-                )
-    for node in graph.nodes:
-        if node.op == "call_module" and is_linear_like(_module_of(root, node)):
+        if node.op == "call_module" and is_projection(root, node):
             report.linears.setdefault(str(node.target), node.name)
     return report
 
 
-def _module_sites(
-    root: nn.Module, graph: fx.Graph, scopes: list[_Scope], residual: list[ResidualSite]
-) -> list[ModuleSite]:
-    nodes = {n.name: n for n in graph.nodes}
-    linear_calls = [n for n in graph.nodes if n.op == "call_module" and is_linear_like(_module_of(root, n))]
-    attention_calls = [
-        n
-        for n in graph.nodes
-        if is_attention_function(n) or (n.op == "call_function" and n.target in _ATTENTION_OPS)
-    ]
-    sites: list[ModuleSite] = []
-    assigned: set[str] = set()
+def _residual_add(layer: _Layer, node: fx.Node, report: SiteReport) -> list[ResidualSite]:
+    a, b = node.args
+    shape = tensor_shape(node)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or shape is None:
+        return []
+    if tensor_shape(a) != shape or tensor_shape(b) != shape:
+        report.rejected.append(
+            (node.name, "operands differ in shape from the result (a broadcast, not a residual)")
+        )
+        return []
+    on = [a in layer.stream, b in layer.stream]
+    if on[0] == on[1]:
+        why = "both operands are the residual stream" if on[0] else "neither operand is the residual stream"
+        report.rejected.append((node.name, why))
+        return []
+    x, h = (a, b) if on[0] else (b, a)
+    if not layer.reads_stream(h):
+        report.rejected.append((node.name, "the other operand does not read the residual stream"))
+        return []
+    region = layer.region(h)
+    if not any(is_weighted(layer.root, n) for n in region):
+        report.rejected.append(
+            (node.name, "no projection, attention or weighted module between stream and add")
+        )
+        return []
+    layer.stream.add(node)
+    norm = None
+    users = list(node.users)
+    post = users[0] if len(users) == 1 else None
+    if _normalises(layer, post, node):  # post-LN: the norm right after the add is part of the site
+        norm = post.name
+        layer.stream.add(post)
+    hidden, feature_dim = _features(layer, h, shape)
 
-    def nearest_linears(start: fx.Node) -> list[fx.Node]:
-        """Linear calls reached walking back from ``start`` without passing through another Linear."""
-        found, todo, seen = [], [start], set()
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in linear_calls:
-                found.append(n)
-                continue
-            todo.extend(_tensor_inputs(n))
-        return found
+    def site(kind: str, h_node: fx.Node, mode: str, site_norm: str | None, extra=()) -> ResidualSite:
+        x_name: str | None = x.name
+        quirk = layer.quirks.get(kind)
+        if quirk != "stream+branches":
+            extra = ()
+        if quirk == "none":
+            x_name = None
+        elif quirk == "sublayer_input":  # a hooked placement: the model adds its own stream after the adapter
+            x_name = _sublayer_input(layer, h_node, x).name
+            mode = "branch"
+        elif quirk == "swapped":  # the adapter reads the stream and takes the sublayer output as residual
+            h_node, x_name = x, h_node.name
+        return ResidualSite(
+            kind,
+            node.name,
+            h_node.name,
+            x_name,
+            site_norm,
+            layer.producer(h_node),
+            hidden,
+            mode,
+            tuple(extra),
+            feature_dim,
+        )
 
-    def add(kind: str, node: fx.Node, out_slice: tuple[int, int] | None = None) -> None:
-        if out_slice is None and node.name in assigned:
-            return
-        assigned.add(node.name)
-        sites.append(ModuleSite(kind, str(node.target), node.name, out_slice))
+    # parallel branches summed before the residual add: one branch site per kind of branch
+    inner, _ = layer.walk_back(h)
+    if _is_add(inner) and all(isinstance(o, fx.Node) for o in inner.args):
+        branches = [o for o in inner.args if layer.reads_stream(o)]
+        kinds = [_kind(layer, layer.region(o) - {inner}) for o in branches]
+        if len(branches) == 2 and len(set(kinds)) == 2:
+            order = sorted(range(2), key=lambda i: kinds[i] != "attn.out")  # attention branch first
+            out = []
+            for i in order:
+                others = [branches[j].name for j in range(2) if j != i and kinds[j] == "attn.out"]
+                out.append(site(kinds[i], branches[i], "branch", None, others))
+            return out
+    kind = _kind(layer, region)
+    # a norm between the sublayer and the add (sandwich post-norm): the adapter goes before it
+    _, passed = layer.walk_back(h)
+    post_norm = next((n for n, k in passed if k == "norm"), None)
+    if post_norm is not None:
+        return [site(kind, post_norm.args[0], "branch", post_norm.name)]
+    return [site(kind, h, "sum", norm)]
 
-    for call in attention_calls:
-        scope = _scope_of(_stack_paths(call)[-1] if _stack_paths(call) else "", scopes)
-        prefix = "cross" if scope is not None and scope.cross else "attn"
-        first = 1 if is_attention_function(call) else 0  # HF functions take the module first
-        qkv = [_through_cache(a) if isinstance(a, fx.Node) else None for a in call.args[first : first + 3]]
-        producers = [nearest_linears(a) if a is not None else [] for a in qkv]
-        flat = [p[0] if len(p) == 1 else None for p in producers]
-        if flat[0] is not None and flat[0] is flat[1] is flat[2]:
-            add(f"{prefix}.qkv", flat[0])
-            for role, arg, out_slice in zip("qkv", qkv, _split_slices(flat[0], qkv)):
-                if arg is not None and out_slice is not None:
-                    add(f"{prefix}.{role}", flat[0], out_slice)
+
+def _normalises(layer: _Layer, post: fx.Node | None, node: fx.Node) -> bool:
+    """Whether ``post`` is a norm module called on ``node`` itself."""
+    if post is None or post.op != "call_module" or not is_norm(module_of(layer.root, post)):
+        return False
+    return bool(post.args) and post.args[0] is node
+
+
+def _features(layer: _Layer, h: fx.Node, shape: tuple) -> tuple[int, int]:
+    """(hidden size, feature dim) of the stream at a residual add: the last dim, unless the sublayer ends in a
+    convolution whose output channels sit on dim 1 (a channels-first stream: SqueezeBERT's conv1d layers)."""
+    producer, _ = layer.walk_back(h)
+    module = module_of(layer.root, producer)
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 3 and len(shape) == 3:
+        channels = weight.shape[0]
+        if shape[1] == channels and shape[-1] != channels:
+            return int(channels), 1
+    return int(shape[-1]), -1
+
+
+def _same_width(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = tensor_shape(a), tensor_shape(b)
+    return bool(sa and sb) and sa[-1] == sb[-1]
+
+
+def _kind(layer: _Layer, region: set[fx.Node]) -> str:
+    attention = layer.attention_in(region)
+    if not attention:
+        return "ffn.out"
+    return "cross.out" if layer.is_cross(attention) else "attn.out"
+
+
+def _sublayer_input(layer: _Layer, h: fx.Node, x: fx.Node) -> fx.Node:
+    """The value the sublayer reads from the stream ``x``: ``x`` after its pre-norm (if it has one)."""
+    for user in x.users:
+        if user.op == "call_module" and is_norm(module_of(layer.root, user)) and user in layer.region(h):
+            return user
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module sites
+
+
+def _projections_back(layer: _Layer, start: fx.Node) -> dict[str, tuple[fx.Node, set[tuple[int, int]]]]:
+    """Projections feeding ``start`` (stopping at the first on each path), with the output features that reach
+    it: ``{projection node name: (node, ranges)}``. Where parts of a fused projection arrive, the whole of it
+    arriving too is side data (ModernBERT's rotary embedding reads the q/k/v tensor for its dtype) and is not
+    counted."""
+    parts: dict[str, list[tuple[tuple[int, int], ...]]] = {}
+    todo, seen = [start], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n in layer.stream:
+            continue
+        seen.add(n)
+        features = n.meta.get(FEATURES)
+        if features is None and is_projection(layer.root, n):
+            features = (n.name, ((0, (tensor_shape(n) or (0,))[-1]),))
+        if features is not None:
+            parts.setdefault(features[0], []).append(tuple(features[1]))
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and n.args[1] in (0, 1):
+            n = _through_cache(n)
+        todo.extend(tensor_inputs(n))
+    found: dict[str, tuple[fx.Node, set[tuple[int, int]]]] = {}
+    for source, pieces in parts.items():
+        node = layer.nodes[source]
+        whole = ((0, (tensor_shape(node) or (0,))[-1]),)
+        specific = [p for p in pieces if p != whole] or pieces
+        found[source] = (node, {r for p in specific for r in p})
+    return found
+
+
+def _merge(ranges: set[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
         else:
-            for role, p in zip(("q", "k", "v"), flat):
-                if p is not None:
-                    add(f"{prefix}.{role}", p)
-        for n in linear_calls:  # the output projection consumes the attention result
-            if call in _ancestors(n) and scope is not None and _scope_of(str(n.target), [scope]):
-                add(f"{prefix}.o", n)
-                break
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
 
-    for site in residual:
+
+class _Sites:
+    def __init__(self, layer: _Layer):
+        self.layer = layer
+        self.sites: list[ModuleSite] = []
+        self.taken: set[tuple[str, tuple | None]] = set()
+        self.calls: dict[str, list[str]] = {}
+        for n in layer.graph.nodes:
+            if n.op == "call_module" and is_projection(layer.root, n):
+                self.calls.setdefault(str(n.target), []).append(n.name)
+
+    def add(self, kind: str, node: fx.Node, ranges: tuple[tuple[int, int], ...] | None = None) -> None:
+        if any(s.kind == kind for s in self.sites):
+            return
+        width = (tensor_shape(node) or (0,))[-1]
+        if ranges is not None and ranges == ((0, width),):
+            ranges = None
+        key = (node.name, ranges)
+        if ranges is None and key in self.taken:
+            return
+        self.taken.add(key)
+        module = str(node.target) if node.op == "call_module" else node.name
+        nodes = tuple(self.calls.get(module, [node.name])) if node.op == "call_module" else (node.name,)
+        self.sites.append(ModuleSite(kind, module, node.name, ranges, nodes))
+
+
+def _attention_roles(
+    layer: _Layer, node: fx.Node
+) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node], fx.Node]:
+    """(query operands, key operands, value operands, attention output) of an attention call or softmax."""
+    root = layer.root
+    if is_attention_function(node) or (node.op == "call_function" and node.target in ATTENTION_OPS):
+        q, k, v = ([_through_cache(a)] if a is not None else [] for a in _qkv_args(node))
+        return q, k, v, node
+    pairs = _score_operands(node.all_input_nodes[0], root) if node.all_input_nodes else []
+    own = [(lft, r) for lft, r in pairs if _projects_stream(layer, lft)]
+    # the content score: both operands projected from the stream (not DeBERTa's position terms, whose other
+    # operand projects the relative embeddings)
+    both = [(lft, r) for lft, r in own if _projects_stream(layer, r)]
+    chosen = both or own
+    q = [lft for lft, _ in chosen]
+    k = [r for _, r in chosen]
+    # the matmul the probabilities feed: its other operand is v
+    v: list[fx.Node] = []
+    context = node
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop(0)
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_matmul(user, root):
+                left, right = _matmul_operands(user)
+                other = right if left is n else left
+                if other is not None:
+                    v.append(other)
+                context = user
+                todo.clear()
+                break
+            src, _ = pass_through_input(root, user)
+            if src is n or (user.op == "call_function" and user.target in (operator.mul, operator.truediv)):
+                todo.append(user)
+    return q, k, v, context
+
+
+def _projects_stream(layer: _Layer, operand: fx.Node) -> bool:
+    """Whether ``operand`` comes from the stream through projections of it (or reads it directly)."""
+    found = _projections_back(layer, operand)
+    if not found:
+        return layer.reads_stream(operand)
+    return any(layer.reads_stream(a) for proj, _ in found.values() for a in tensor_inputs(proj))
+
+
+def _module_sites(layer: _Layer, report: SiteReport) -> list[ModuleSite]:
+    root = layer.root
+    out = _Sites(layer)
+    attn_sites = [s for s in report.residual if not s.kind.startswith("ffn.out")]
+    regions = {s.kind: layer.region(layer.nodes[s.h]) for s in attn_sites}
+    calls = [
+        n
+        for n in layer.graph.nodes
+        if is_attention_function(n)
+        or (n.op == "call_function" and n.target in ATTENTION_OPS)
+        or is_attention_softmax(root, n)
+    ]
+    done_scopes: set[str] = set()
+    for call in calls:
+        q, k, v, context = _attention_roles(layer, call)
+        keys = [key for key in k if isinstance(key, fx.Node)]
+        prefix = "cross" if keys and not any(layer.reads_stream(key) for key in keys) else "attn"
+        scope = (_stack_paths(call) or [""])[-1]
+        if (prefix, scope) in done_scopes:
+            continue
+        done_scopes.add((prefix, scope))
+        roles = {}
+        for role, operands in (("q", q), ("k", k), ("v", v)):
+            found: dict[str, tuple[fx.Node, set]] = {}
+            for operand in operands:
+                for name, (proj, ranges) in _projections_back(layer, operand).items():
+                    found.setdefault(name, (proj, set()))[1].update(ranges)
+            if len(found) == 1:
+                ((proj, ranges),) = found.values()
+                roles[role] = (proj, _merge(ranges))
+        fused = {}
+        for role, (proj, _) in roles.items():
+            fused.setdefault(proj.name, []).append(role)
+        for role, (proj, ranges) in roles.items():
+            if len(fused[proj.name]) > 1:
+                out.add(f"{prefix}.qkv", proj)
+            out.add(f"{prefix}.{role}", proj, ranges)
+        if is_attention_softmax(root, call):
+            report.notes.append(
+                f"{prefix} attention at {scope or call.name} is written by hand (softmax(q·kᵀ)·v, no HF attention "
+                f"function or SDPA call): no {prefix}.kv site for prefix tuning"
+            )
+        missing = [r for r in "qkv" if r not in roles]
+        if missing:
+            report.notes.append(
+                f"{prefix} attention at {scope or call.name}: no single projection found for "
+                f"{', '.join(prefix + '.' + r for r in missing)}"
+            )
+        # the output projection consumes the attention result, inside the attention's residual sublayer
+        region = next((r for kind, r in regions.items() if context in r and kind.startswith(prefix)), None)
+        for n in layer.graph.nodes if region is not None else ():
+            if layer.order[n] <= layer.order[context] or not is_projection(root, n):
+                continue
+            if n in region and context in ancestors(n, tensors_only=True):
+                out.add(f"{prefix}.o", n)
+                break
+    for site in report.residual:
         if not site.kind.startswith("ffn.out"):
             continue
-        h = _through_transparent(root, nodes[site.h])
-        if h not in linear_calls:
+        down, _ = layer.walk_back(layer.nodes[site.h])
+        if not is_projection(root, down):
             continue
-        add("ffn.down", h)
-        inner = [n for n in nearest_linears_inputs(h, linear_calls) if n.name not in assigned]
-        if len(inner) == 1:
-            add("ffn.up", inner[0])
-        elif len(inner) == 2:
-            gate = next((n for n in inner if _feeds_activation(root, n)), None)
+        out.add("ffn.down", down)
+        inner: dict[str, tuple[fx.Node, set]] = {}
+        for a in tensor_inputs(down):
+            for name, entry in _projections_back(layer, a).items():
+                if entry[0] is not down:
+                    inner.setdefault(name, (entry[0], set()))[1].update(entry[1])
+        parts = [(proj, _merge(r)) for proj, r in inner.values()]
+        if len(parts) == 1:
+            proj, ranges = parts[0]
+            pieces = _pieces(layer, proj, down)
+            if (
+                len(pieces) == 2
+            ):  # fused gate/up (Phi-3's gate_up_proj): the piece feeding the activation gates
+                gate = next((p for p in pieces if _feeds_activation(root, p[1])), None)
+                if gate is not None:
+                    out.add("ffn.gate", proj, gate[0])
+                    out.add("ffn.up", proj, next(p[0] for p in pieces if p is not gate))
+                    continue
+            out.add("ffn.up", proj, None)
+        elif len(parts) == 2:
+            gate = next((p for p in parts if _feeds_activation(root, p[0])), None)
             if gate is not None:
-                add("ffn.gate", gate)
-                add("ffn.up", next(n for n in inner if n is not gate))
-    return sites
+                out.add("ffn.gate", gate[0], None)
+                out.add("ffn.up", next(p[0] for p in parts if p is not gate), None)
+    return out.sites
+
+
+def _pieces(layer: _Layer, proj: fx.Node, down: fx.Node) -> list[tuple[tuple[tuple[int, int], ...], fx.Node]]:
+    """Distinct feature parts of ``proj`` (with the node holding each) among the values feeding ``down``."""
+    pieces: dict[tuple, fx.Node] = {}
+    for n in ancestors(down, tensors_only=True) - {proj}:
+        features = n.meta.get(FEATURES)
+        if features is not None and features[0] == proj.name and any(not is_movement(u) for u in n.users):
+            pieces.setdefault(features[1], n)
+    return list(pieces.items())
 
 
 def _through_cache(node: fx.Node) -> fx.Node:
@@ -495,67 +754,51 @@ def _through_cache(node: fx.Node) -> fx.Node:
     return node
 
 
-def _split_slices(fused: fx.Node, args: list[fx.Node | None]) -> list[tuple[int, int] | None]:
-    """Output-feature slices of a fused projection that reach each of ``args`` through ``split(...)[i]``."""
-    meta = fused.meta.get("fxadapt_meta")
-    out = [None] * len(args)
-    if not meta:
-        return out
-    width, ndim = meta[1][-1], len(meta[1])
-    for user in fused.users:
-        is_split = (user.op == "call_method" and user.target == "split") or (
-            user.op == "call_function" and user.target is torch.split
-        )
-        if not is_split or len(user.args) < 2:
-            continue
-        dim = user.kwargs.get("dim", user.args[2] if len(user.args) > 2 else 0)
-        if dim not in (-1, ndim - 1):
-            continue
-        size = user.args[1]
-        sizes = list(size) if isinstance(size, (list, tuple)) else [size] * (width // size if size else 0)
-        if not all(isinstance(v, int) for v in sizes) or sum(sizes) != width:
-            continue
-        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        pieces = {
-            g.args[1]: g for g in user.users if g.target is operator.getitem and isinstance(g.args[1], int)
-        }
-        for j, arg in enumerate(args):
-            if arg is None:
-                continue
-            reach = _ancestors(arg, tensors_only=True) | {arg}
-            hit = [i for i, g in pieces.items() if g in reach]
-            if len(hit) == 1:
-                out[j] = (bounds[hit[0]], bounds[hit[0] + 1])
-    return out
-
-
-def nearest_linears_inputs(node: fx.Node, linear_calls: list[fx.Node]) -> list[fx.Node]:
-    """Linear calls feeding ``node``'s inputs, stopping at the first Linear on each path."""
-    found: list[fx.Node] = []
-    todo, seen = _tensor_inputs(node), set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in linear_calls:
-            if n not in found:
-                found.append(n)
-            continue
-        todo.extend(n.all_input_nodes)
-    return sorted(found, key=lambda n: list(n.graph.nodes).index(n))
-
-
 def _feeds_activation(root: nn.Module, node: fx.Node) -> bool:
     for user in node.users:
         if user.op == "call_module":
-            module = _module_of(root, user)
-            if module is not None and not is_linear_like(module) and not isinstance(module, nn.Dropout):
+            module = module_of(root, user)
+            if (
+                module is not None
+                and not isinstance(module, nn.Dropout)
+                and not is_projection(root, user)
+                and next(module.parameters(), None) is None
+            ):
                 return True
         if user.op == "call_function" and getattr(user.target, "__module__", "").startswith(
             "torch.nn.functional"
         ):
             return True
-        if user.op == "call_function" and user.target in (torch.sigmoid, torch.tanh, torch.relu):
+        if user.op == "call_function" and getattr(user.target, "__name__", "") in ("sigmoid", "tanh", "relu"):
             return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention sites (prefix tuning)
+
+
+def _attention_sites(layer: _Layer) -> list[AttentionSite]:
+    out: list[AttentionSite] = []
+    for node in layer.graph.nodes:
+        # HF attention functions take (module, query, key, value, mask, ...); the fused SDPA op (query, key, ...)
+        first = 1 if is_attention_function(node) else 0
+        if not (first or (node.op == "call_function" and node.target in ATTENTION_OPS)):
+            continue
+        if len(node.args) < first + 3 or not isinstance(node.args[first + 1], fx.Node):
+            continue
+        meta = node.args[first + 1].meta.get("fxadapt_meta")
+        q = node.args[first]
+        q_meta = q.meta.get("fxadapt_meta") if isinstance(q, fx.Node) else None
+        stack = _stack_paths(node)
+        cross = not layer.reads_stream(node.args[first + 1])
+        if meta and len(meta[1]) == 4:
+            kind = "cross.kv" if cross else "attn.kv"
+            if all(a.kind != kind for a in out):
+                q_heads = q_meta[1][1] if q_meta and len(q_meta[1]) == 4 else meta[1][1]
+                out.append(
+                    AttentionSite(
+                        kind, node.name, meta[1][1], meta[1][3], stack[0] if stack else "", q_heads, first
+                    )
+                )
+    return out

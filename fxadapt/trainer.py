@@ -63,7 +63,7 @@ class AdapterTrainer(Trainer):
                 continue
             tensors = io._read_weights(sub / io.WEIGHTS_NAME)
             state = api.get_state(model)
-            params = api.adapter_parameters(model, name)
+            params = api.adapter_state(model, name)  # parameters and persistent buffers
             with torch.no_grad():
                 for full, p in params.items():
                     layer_path, rest = full.split(f".{io.CONTAINER}.{name}.", 1)

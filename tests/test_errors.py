@@ -116,7 +116,8 @@ def test_unknown_adapter(adapted, verb, tmp_path):
 def test_missing_site(adapted):
     snap = Snapshot(adapted)
     with pytest.raises(
-        fxadapt.SiteNotFoundError, match=r"\['cross.out'\] not found in BertModel; it has"
+        fxadapt.SiteNotFoundError,
+        match=r"\['cross.out'\] not found in the blocks \(BertLayer\) of BertModel; they have",
     ) as exc:
         fxadapt.inject(adapted, {"b": fxadapt.BottleneckConfig(sites=("cross.out",))})
     assert isinstance(exc.value, LookupError)

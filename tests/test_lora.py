@@ -361,11 +361,16 @@ def test_missing_site_and_pattern_leave_model_unchanged():
     fxadapt.inject(model, {"a": "lora"})
     randomise(model, "a")
     snap = Snapshot(model)
-    with pytest.raises(fxadapt.SiteNotFoundError, match=r"\['ffn.gate'\] not found in BertModel") as exc:
+    with pytest.raises(
+        fxadapt.SiteNotFoundError, match=r"\['ffn.gate'\] not found in the blocks \(BertLayer\) of BertModel"
+    ) as exc:
         fxadapt.inject(model, {"b": fxadapt.LoRAConfig(sites=("ffn.gate",))})
     assert isinstance(exc.value, LookupError)
     snap.assert_unchanged()
-    with pytest.raises(fxadapt.SiteNotFoundError, match=r"\['qeury'\] not found in BertModel; it has") as exc:
+    with pytest.raises(
+        fxadapt.SiteNotFoundError,
+        match=r"\['qeury'\] not found in the blocks \(BertLayer\) of BertModel; they have",
+    ) as exc:
         fxadapt.inject(model, {"b": fxadapt.LoRAConfig(target_modules=["qeury", "value"])})
     for kind in ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down"):
         assert kind in str(exc.value)  # lists the module sites that exist

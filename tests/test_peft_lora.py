@@ -98,7 +98,7 @@ def test_from_peft_dict_and_unsupported_settings():
     assert config == fxadapt.LoRAConfig(target_modules=("q_proj",), r=2, alpha=4, dropout=0.1)
     assert fxadapt.LoRAConfig.from_peft({**data, "init_lora_weights": "gaussian"}).init_weights == "gaussian"
     for change, match in [
-        ({"use_dora": True}, r"use_dora=True is not supported"),
+        ({"rank_pattern": {"query": 2}}, r"rank_pattern=\{'query': 2\} is not supported"),
         ({"bias": "all"}, r"bias='all'"),
         ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa'"),

@@ -160,37 +160,101 @@ def _renamers(model: nn.Module) -> tuple[Callable[[str], str], Callable[[str], s
     return forward, backward
 
 
+def base_model_chain(model: nn.Module) -> tuple[str, list[str]]:
+    """``(path of the innermost base model inside ``model``, the ``base_model_prefix`` of every model on the way)``.
+
+    HF models with a head keep their base model under ``base_model_prefix`` (``BertForSequenceClassification.bert``);
+    wrappers (``fxadapt.compat.AdapterModel.model``, AdapterHub's ``BertAdapterModel.bert``) add one more level. The
+    innermost base model is where ``.base_model`` stops changing; checkpoints name paths relative to it, optionally
+    behind any of the prefixes on the way (``bert.encoder.layer.0`` and ``encoder.layer.0`` are the same module).
+    """
+    prefixes: list[str] = []
+    current, path = model, ""
+    names = {id(m): n for n, m in model.named_modules()}
+    for _ in range(8):  # a chain of wrappers, never a cycle
+        prefix = getattr(current, "base_model_prefix", "") or ""
+        if prefix and prefix not in prefixes:
+            prefixes.append(prefix)
+        inner = getattr(current, "base_model", current)
+        if not isinstance(inner, nn.Module) or inner is current or id(inner) not in names:
+            break
+        current, path = inner, names[id(inner)]
+    prefix = getattr(current, "base_model_prefix", "") or ""
+    if prefix and prefix not in prefixes:
+        prefixes.append(prefix)
+    return path, prefixes
+
+
 class LayerPaths:
     """Locates a module path of a saved model among this model's layers.
 
     A saved path ``[<prefix>.]<layer path>.<rest>`` names layer ``i`` when ``<layer path>`` is this model's i-th
-    layer path without the base-model prefix (``bert.``, ``model.``, ``transformer.``): a checkpoint saved from
-    ``BertForSequenceClassification`` loads into ``BertModel`` and back, as in both peers.
+    layer path relative to its innermost base model (:func:`base_model_chain`), and ``<prefix>`` is any base-model
+    prefix on the way (``bert.``, ``model.``, ``transformer.``): a checkpoint saved from
+    ``BertForSequenceClassification`` or AdapterHub's ``BertAdapterModel`` loads into ``BertModel`` or
+    ``fxadapt.compat.AdapterModel`` and back, as in both peers. Written paths carry the innermost base model's
+    prefix when the model has a head or a wrapper (``bert.encoder.layer.0``), none for a bare base model.
     """
 
     def __init__(self, model: nn.Module):
         from ..model import layers_of
 
+        self.model = model
         self.paths, _ = layers_of(model)
-        self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self.index = {self._strip(p): i for i, p in enumerate(self.paths)}
+        base, prefixes = base_model_chain(model)
+        self.base = base
+        self.prefixes = prefixes
+        inner_prefix = prefixes[-1] if prefixes else ""
+        self.prefix = inner_prefix if base else ""  # what written paths start with
+        self.index = {self._relative(p): i for i, p in enumerate(self.paths)}
         self.to_current, self.to_saved = _renamers(model)
 
+    def _relative(self, path: str) -> str:
+        """``path`` (a path in this model) relative to the innermost base model."""
+        return path[len(self.base) + 1 :] if self.base and path.startswith(self.base + ".") else path
+
     def _strip(self, path: str) -> str:
-        return path[len(self.prefix) + 1 :] if self.prefix and path.startswith(self.prefix + ".") else path
+        """A saved path without its leading base-model prefix (at most one)."""
+        for prefix in self.prefixes:
+            if path.startswith(prefix + "."):
+                return path[len(prefix) + 1 :]
+        return path
 
     def locate(self, module_path: str) -> tuple[int, str] | None:
         """``(layer index, path inside the layer)``, or None when the path lies in no layer."""
-        parts = self._strip(self.to_current(module_path)).split(".")
-        for k in range(len(parts), 0, -1):
-            index = self.index.get(".".join(parts[:k]))
-            if index is not None:
-                return index, ".".join(parts[k:])
+        for candidate in dict.fromkeys((module_path, self.to_current(module_path))):
+            parts = self._strip(candidate).split(".")
+            for k in range(len(parts), 0, -1):
+                index = self.index.get(".".join(parts[:k]))
+                if index is not None:
+                    return index, ".".join(parts[k:])
         return None
+
+    def model_path(self, module_path: str) -> str | None:
+        """The path in this model of a saved module path that lies outside the layers (``bert.pooler.dense`` →
+        ``model.pooler.dense`` in an AdapterModel), or None when no such module exists."""
+        for candidate in dict.fromkeys((module_path, self.to_current(module_path))):
+            stripped = self._strip(candidate)
+            for path in dict.fromkeys((f"{self.base}.{stripped}" if self.base else stripped, candidate)):
+                if path and self._exists(path):
+                    return path
+        return None
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self.model.get_submodule(path)
+        except (AttributeError, LookupError):
+            return False
+        return True
 
     def saved_path(self, index: int, inner: str) -> str:
         """The module path a peer under transformers 4 would save for ``inner`` in layer ``index``."""
-        return self.to_saved(f"{self.paths[index]}.{inner}" if inner else self.paths[index])
+        return self.saved(f"{self.paths[index]}.{inner}" if inner else self.paths[index])
+
+    def saved(self, path: str) -> str:
+        """The saved form of a module path of this model (relative to the base model, behind its prefix)."""
+        relative = self._relative(self.to_saved(path))
+        return f"{self.prefix}.{relative}" if self.prefix else relative
 
 
 def site_reports(model: nn.Module, example_inputs: Any = None) -> list[Any]:
@@ -279,9 +343,10 @@ def module_parameters(model: nn.Module, name: str) -> dict[WeightKey, nn.Paramet
     assert state is not None
     _, layers = layers_of(model)
     out = {}
-    for index, kind in state.record(name).sites:
+    placements = state.record(name).placements  # layer sites and model parts
+    for index, kind in ((i, k) for i, kinds in placements.items() for k in kinds):
         module = layers[index]._modules[CONTAINER][name][site_key(kind)]
-        for pname, p in module.named_parameters():
+        for pname, p in module.state_dict(keep_vars=True).items():  # parameters and persistent buffers
             out[(index, kind, pname)] = p
     return out
 

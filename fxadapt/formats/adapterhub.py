@@ -26,7 +26,6 @@ Writing must put weights where AdapterHub will look, which differs per family: :
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from ..errors import CheckpointError, ConfigError, FxAdaptError, nearest
 from . import (
     LayerPaths,
     Translated,
+    adapterhub_union,
     check_model,
     describe,
     listed,
@@ -50,6 +50,8 @@ from . import (
     read_tensors,
     site_reports,
 )
+from . import adapterhub_bottleneck as bn
+from .adapterhub_lora import SHARED, from_adapterhub_param, noop_tensors, shared_keys, to_adapterhub_param
 
 __all__ = ["load_adapter_fusion", "read_adapter", "save_adapter_fusion", "write_adapter"]
 
@@ -129,37 +131,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora": {"architecture": "lora"}, "ia3": _IA3, "vera": {"architecture": "lora", "vera_d": 0.1, "vera_b": 0.0},
     "dora": {"architecture": "lora", "use_dora": True},
     "dvora": {"architecture": "lora", "use_dora": True, "vera_d": 0.1, "vera_b": 0.0},
-    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning"},
+    "prefix_tuning": {"architecture": "prefix_tuning"}, "prefix_tuning_flat": {"architecture": "prefix_tuning", "flat": True},
     "prompt_tuning": {"architecture": "prompt_tuning"}, "mtl_lora": {"architecture": "mtl_lora"},
-    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft"}, "direft": {"architecture": "reft"},
+    "loreft": {"architecture": "reft"}, "noreft": {"architecture": "reft", "orthogonality": False},
+    "direft": {"architecture": "reft", "orthogonality": False, "subtract_projection": False},
     "mam": {"architecture": "union"}, "unipelt": {"architecture": "union"},
 }
 UNSUPPORTED_ARCHITECTURES = {
-    "prefix_tuning": "prefix tuning (architecture 'prefix_tuning'): fxadapt cannot read prefix-tuning checkpoints yet",
-    "prompt_tuning": "prompt tuning (architecture 'prompt_tuning')",
-    "mtl_lora": "multi-task LoRA (architecture 'mtl_lora')",
-    "reft": "representation fine-tuning (architecture 'reft': LoReFT / NoReFT / DiReFT)",
-    "union": "ConfigUnion (architecture 'union': several methods in one adapter, e.g. MAM or UniPELT)",
 }
+# architectures read and written by their own modules (adapterhub_reft.py, ...): architecture -> (reader,) and
+# fxadapt method -> writer; filled at the end of this module
+OTHER_ARCHITECTURES: dict[str, tuple[Any, ...]] = {}
+WRITERS: dict[str, Any] = {}
 # adapter-transformers 1/2: activation names (configs without "version") and key names
 _ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 _LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
                 "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
                 "invertible_lang_adapters": "invertible_adapters"}
 _BOTTLENECK_PARAMS = {"adapter_up": "up", "adapter_norm_before": "norm_before", "adapter_norm_after": "norm_after",
-                      "scaling": "scaling"}
+                      "scaling": "scaling", "gate": "gate"}
 # fmt: on
 
 
 # ------------------------------------------------------------------------------------------------------------
 # configs
-
-
-def _bottleneck_fields() -> list[str]:
-    """BottleneckConfig fields named as in AdapterHub's BnConfig (all but ``sites``)."""
-    from ..methods.bottleneck import BottleneckConfig
-
-    return [f.name for f in dataclasses.fields(BottleneckConfig) if f.name != "sites"]
 
 
 def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
@@ -174,11 +169,13 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: 'config' must be a dict or a preset name, got {type(raw).__name__}")
     architecture = raw.get("architecture")
+    if architecture in OTHER_ARCHITECTURES:
+        return dict(raw)
     if architecture in UNSUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"{source}: {UNSUPPORTED_ARCHITECTURES[architecture]} is not supported by fxadapt"
         )
-    if architecture == "lora":
+    if architecture in ("lora", "mtl_lora"):
         return dict(raw)
     if architecture not in (None, "bottleneck"):
         raise CheckpointError(f"{source}: unknown AdapterHub architecture {architecture!r}")
@@ -188,59 +185,21 @@ def resolve_config(raw: Any, version: Any, source: str) -> dict[str, Any]:
     return data
 
 
-def bottleneck_config(data: dict[str, Any], has_invertible: bool, source: str) -> Any:
-    from ..methods.bottleneck import BottleneckConfig
-
-    unsupported = [
-        why
-        for why, present in (
-            ("phm_layer=True (Compacter's PHM layers)", data.get("phm_layer")),
-            ("use_gating=True (gated adapters)", data.get("use_gating")),
-            (
-                f"stochastic_depth={data.get('stochastic_depth')} (drop path)",
-                (data.get("stochastic_depth") or 0) > 0,
-            ),
-            (
-                f"inv_adapter={data.get('inv_adapter')!r} (invertible adapters)",
-                data.get("inv_adapter") and has_invertible,
-            ),
-        )
-        if present
-    ]
-    if unsupported:
-        raise CheckpointError(
-            f"{source}: unsupported AdapterHub bottleneck feature(s): {', '.join(unsupported)}"
-        )
-    missing = [
-        k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in data
-    ]
-    if missing:
-        raise CheckpointError(f"{source}: bottleneck config lacks required field(s) {missing}")
-    flags = (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"), ("cross_adapter", "cross.out"))
-    kwargs = {k: data[k] for k in _bottleneck_fields()}
-    if isinstance(kwargs["scaling"], int) and not isinstance(kwargs["scaling"], bool):
-        kwargs["scaling"] = float(kwargs["scaling"])
-    kwargs["leave_out"] = tuple(kwargs["leave_out"] or ())
-    try:
-        return BottleneckConfig(sites=tuple(kind for key, kind in flags if data.get(key)), **kwargs)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
-
-
 def lora_config(data: dict[str, Any], version: Any, source: str) -> Any:
     from ..methods.lora import LoRAConfig
 
-    keys = ("use_gating", "use_dora", "vera_d", "vera_b")
-    unsupported = [f"{k}={data[k]!r}" for k in keys if data.get(k) not in (None, False)]
-    if unsupported:
-        raise CheckpointError(f"{source}: unsupported AdapterHub LoRA feature(s): {', '.join(unsupported)}")
     data = dict(data)
     # adapters < 1.1.0 trained LoRA with a faulty scaling; its loader sets alpha = r for them (its #770)
     old = isinstance(version, str) and version.startswith("adapters.")
     if old and tuple(int(x) for x in re.findall(r"\d+", version)[:3]) < (1, 1, 0):
         data["alpha"] = data.get("r", 8)
+    target = LoRAConfig
+    if data.get("architecture") == "mtl_lora":
+        from ..methods.mtl_lora import MTLLoRAConfig
+
+        target = MTLLoRAConfig
     try:
-        return LoRAConfig.from_adapterhub(data)
+        return target.from_adapterhub(data)
     except ConfigError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
@@ -308,27 +267,49 @@ def _lora_weights(model, tensors, name, reports, config, source):
     layers = LayerPaths(model)
     by_module: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unmapped = []
+    shared = shared_keys(tensors, name) if config.is_vera else {}
     for key, value in tensors.items():
         split = _split_key(key, "loras", name)
         located = layers.locate(split[0]) if split else None
-        if located is None or split[1] not in ("lora_A", "lora_B"):
+        param = from_adapterhub_param(split[1], value) if located is not None else None
+        if param is not None:
+            by_module.setdefault(located, {})[param[0]] = param[1]
+        elif not (shared and key.rpartition(".")[0].endswith(f"{SHARED}.{name}")):
             unmapped.append(key)
-        else:
-            by_module.setdefault(located, {})[split[1]] = value
+    if config.is_vera and set(shared) != {"lora_A", "lora_B"}:
+        raise CheckpointError(
+            f"{source}: a VeRA adapter, but the checkpoint lacks its shared projections "
+            f"'shared_parameters.{name}.lora_A/lora_B' (AdapterHub 1.3.0 saves them only from a model with a base-"
+            "model prefix, e.g. BertForSequenceClassification, not from a bare BertModel); it cannot be reproduced"
+        )
     roles = [m for m in "qkv" if f"attn.{m}" in config.sites]
     weights: dict[tuple[int, str, str], torch.Tensor] = {}
     kinds: dict[str, None] = {}
     for (index, path), params in sorted(by_module.items()):
         report = reports[index]
         at = [s for s in report.modules if s.module == path]
-        sliced = sorted((s for s in at if s.out_slice is not None), key=lambda s: s.out_slice)
-        whole = [s.kind for s in at if s.out_slice is None and s.kind != "attn.qkv"]
+        sliced = sorted((s for s in at if s.out_ranges is not None), key=lambda s: s.out_ranges)
+        whole = [s.kind for s in at if s.out_ranges is None and s.kind != "attn.qkv"]
+        if any(s.interleaved for s in sliced):
+            raise CheckpointError(
+                f"AdapterHub LoRA weights of the fused projection {path!r} cannot be placed: in this model its "
+                "q/k/v features are interleaved per head, and AdapterHub's merged format stacks contiguous parts"
+            )
+        gates = {"gate.weight", "gate.bias"}  # gated LoRA (UniPELT): one gate row per enabled part
+        if sliced and (config.use_dora or config.is_vera or set(params) - {"lora_A", "lora_B"} - gates):
+            raise CheckpointError(
+                f"{source}: AdapterHub's fused-projection LoRA (LoRAMergedLinear, at {layers.paths[index]}.{path}) "
+                "has no DoRA / VeRA / MTL-LoRA forward (it ignores use_dora and fails for VeRA); such a checkpoint "
+                "has no defined meaning to reproduce"
+            )
         if sliced:  # AdapterHub's LoRAMergedLinear: the enabled parts stacked in q, k, v order
             for j, site in enumerate(s for s in sliced if s.kind.rsplit(".", 1)[1] in roles):
                 width = site.out_slice[1] - site.out_slice[0]
                 rows = {
                     "lora_A": slice(j * config.r, (j + 1) * config.r),
                     "lora_B": slice(j * width, (j + 1) * width),
+                    "gate.weight": slice(j, j + 1),
+                    "gate.bias": slice(j, j + 1),
                 }
                 for p, value in params.items():
                     weights[(index, site.kind, p)] = value[rows[p]]
@@ -342,6 +323,10 @@ def _lora_weights(model, tensors, name, reports, config, source):
         weights.update({(index, kind, p): value for p, value in params.items()})
     if unmapped:
         raise _unmapped(model, source, unmapped)
+    if shared and weights:  # owned by the first adapted projection (LoRAMethod.build_all)
+        first = min((i, k) for i, k, _ in weights)
+        for p, value in shared.items():
+            weights[(*first, f"shared.{p}")] = value
     return weights, ordered(kinds), {i for i, _ in by_module}
 
 
@@ -370,7 +355,9 @@ def read_adapter(
         for old, new in _LEGACY_KEYS.items():
             key = key.replace(old, new)
         tensors[key] = value
-    if data.get("architecture") == "lora":
+    if data.get("architecture") in OTHER_ARCHITECTURES:
+        config, weights = OTHER_ARCHITECTURES[data["architecture"]][0](model, data, tensors, saved, source)
+    elif data.get("architecture") in ("lora", "mtl_lora"):
         config = lora_config(data, meta.get("version"), source)
         reports = site_reports(model, example_inputs)
         weights, sites, used = _lora_weights(model, tensors, saved, reports, config, source)
@@ -378,13 +365,14 @@ def read_adapter(
             raise CheckpointError(f"{source}: holds no LoRA weights for adapter {saved!r}")
         config = config.replace(sites=sites, leave_out=tuple(i for i in range(len(reports)) if i not in used))
     else:
-        invertible = any(f"invertible_adapters.{saved}." in k for k in tensors)
-        config = bottleneck_config(data, invertible, source)
+        tensors, extra = bn.split_model_level(tensors, saved)  # invertible block, shared PHM weights
+        config = bn.bottleneck_config(data, bool(extra["invertible"]), source)
         reports = site_reports(model, example_inputs)
         ln_before = config.ln_before
         weights = _residual_weights(
             model, tensors, "adapters", saved, reports, lambda p: _bottleneck_param(p, ln_before), source
         )
+        weights.update(bn.model_level_weights(config, extra, weights, source))
     head = _read_head(model, folder, source) if load_head else {}
     return Translated(name or saved, config, weights, head, source)
 
@@ -490,6 +478,17 @@ def _write(
 
 
 def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str, Any]:
+    if (config.use_dora or config.is_vera) and config.variant != "adapterhub":
+        which = "DoRA" if config.use_dora else "VeRA"
+        raise CheckpointError(
+            f"{which} with variant={config.variant!r} computes PEFT's formula, which AdapterHub's {which} does not; "
+            "write it with format='peft', or use variant='adapterhub'"
+        )
+    if getattr(config, "feedforward_modules", ()):
+        raise CheckpointError(
+            f"(IA)^3 on the input of feed-forward modules {list(config.feedforward_modules)} (PEFT's "
+            "feedforward_modules) has no AdapterHub form (its (IA)^3 scales outputs); write it with format='peft'"
+        )
     ffn = FFN_LORA.get(model_type or "", FFN_LORA_DEFAULT)
     allowed = {f"{p}.{m}" for p in ("attn", "cross") for m in "qkv"} | set(ffn)
     if kinds - allowed:
@@ -510,13 +509,15 @@ def _lora_dict(config: Any, model_type: str | None, kinds: set[str]) -> dict[str
         else config.alpha,  # theirs: alpha / r
         "dropout": config.dropout,
         "composition_mode": config.composition_mode,
-        "init_weights": config.init_weights if config.init_weights in ("lora", "bert", "ia3") else "lora",
+        "init_weights": config.init_weights
+        if config.init_weights in ("lora", "bert", "ia3", "vera")
+        else "lora",
         "init_weights_seed": None,
         "leave_out": list(config.leave_out),
-        "use_gating": False,
-        "use_dora": False,
-        "vera_d": None,
-        "vera_b": None,
+        "use_gating": config.use_gating,
+        "use_dora": config.use_dora,
+        "vera_d": config.vera_d,
+        "vera_b": config.vera_b,
         "dtype": None,
     }
 
@@ -539,34 +540,24 @@ def write_adapter(
     layers = LayerPaths(model)
     params = module_parameters(model, name)
     if config.method == "bottleneck":
-        data = {
-            **_BN,
-            **{k: getattr(config, k) for k in _bottleneck_fields()},
-            "leave_out": list(config.leave_out),
-        }
-        data.update(
-            {
-                k: kind in config.sites
-                for k, kind in (("mh_adapter", "attn.out"), ("output_adapter", "ffn.out"))
-            }
-        )
-        data["cross_adapter"] = "cross.out" in config.sites
-        if isinstance(config.scaling, (int, float)):
-            data["scaling"] = float(config.scaling)  # AdapterHub accepts only a float here
-        tensors = {}
-        for (index, kind, pname), p in params.items():
-            home = _home(model_type, kind, record.sites[(index, kind)].producer)
-            base = f"{layers.saved_path(index, home)}.adapters.{name}"
-            head, _, rest = pname.partition(".")
-            if head == "down":
-                tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
-            if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
-                tensors[f"{base}.adapter_down.0.{rest}"] = p
-            if head != "down":
-                theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
-                tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
-    elif config.method in ("lora", "ia3"):
+        data, tensors = write_bottleneck(model, record, params, name)
+    elif config.method in WRITERS:
+        data, tensors = WRITERS[config.method](model, record, params, name)
+    elif config.method in ("lora", "ia3", "mtl_lora"):
+        outside = sorted({k for i, ks in record.placements.items() for k in ks if (i, k) not in record.sites})
+        if outside:
+            raise CheckpointError(
+                f"AdapterHub's LoRA adapts projections inside the layers only; adapter {name!r} also adapts "
+                f"{outside}; write it with format='peft'"
+            )
         data = _lora_dict(config, model_type, {k for _, k in record.sites})
+        if config.method == "mtl_lora":
+            data.update(
+                architecture="mtl_lora",
+                n_up_projection=config.n_up_projection,
+                task_specific_matrix_type=config.task_specific_matrix_type,
+                weights_sharpness=config.weights_sharpness,
+            )
         tensors = _lora_tensors(model, record, params, name, layers, config, data["attn_matrices"])
     else:
         raise CheckpointError(f"AdapterHub format: cannot write {config.method} adapters")
@@ -576,10 +567,33 @@ def write_adapter(
     return folder
 
 
+def write_bottleneck(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    """AdapterHub's ``BnConfig`` dict and tensors of a bottleneck adapter (``record``: its sites)."""
+    config = record.config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = LayerPaths(model)
+    data = bn.bottleneck_dict(config)
+    tensors, used = bn.model_level_tensors(model, record, params, name)
+    for (index, kind, pname), p in params.items():
+        if (index, kind, pname) in used:
+            continue
+        home = _home(model_type, kind, record.sites[(index, kind)].producer)
+        base = f"{layers.saved_path(index, home)}.adapters.{name}"
+        head, _, rest = pname.partition(".")
+        if head == "down":
+            tensors[f"{base}.adapter_down.{int(config.ln_before)}.{rest}"] = p
+        if head == "norm_before":  # AdapterHub's Sequential holds the same LayerNorm at adapter_down.0
+            tensors[f"{base}.adapter_down.0.{rest}"] = p
+        if head != "down":
+            theirs = {v: k for k, v in _BOTTLENECK_PARAMS.items()}[head]
+            tensors[f"{base}.{theirs}{'.' + rest if rest else ''}"] = p
+    return data, tensors
+
+
 def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[str, torch.Tensor]:
-    """LoRA weights under AdapterHub's keys, fused projections stacked. AdapterHub's ``selfattn_lora`` adapts self-
-    and cross-attention alike: sites it adds that fxadapt's adapter lacks get no-op weights (B = 0; 1/alpha in
-    scale mode)."""
+    """LoRA-family weights under AdapterHub's keys (``adapterhub_lora.py``), fused projections stacked.
+    AdapterHub's ``selfattn_lora`` adapts self- and cross-attention alike: sites it adds that fxadapt's adapter
+    lacks get no-op weights (``noop_tensors``)."""
     from ..methods.lora import projection_features
 
     by_module: dict[tuple[int, str], list] = {}
@@ -591,25 +605,49 @@ def _lora_tensors(model, record, params, name, layers, config, roles) -> dict[st
             wanted = kind.startswith(("attn.", "cross.")) and role in roles and index not in config.leave_out
             if wanted and (index, kind) not in record.sites:
                 by_module.setdefault((index, site.module), []).append((site, False))
-    scale = config.composition_mode == "scale"
     out = {}
     for (index, path), sites in by_module.items():
-        parts: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": []}
-        for site, present in sorted(sites, key=lambda s: s[0].out_slice or (0, 0)):
-            if present:
-                for p in parts:
-                    if (index, site.kind, p) in params:
-                        parts[p].append(params[(index, site.kind, p)])
-                continue
-            in_f, out_f, _ = projection_features(model.get_submodule(f"{layers.paths[index]}.{path}"))
-            rows = site.out_slice[1] - site.out_slice[0] if site.out_slice else out_f
-            parts["lora_B"].append(
-                torch.full((rows, 1 if scale else config.r), 1 / config.alpha if scale else 0.0)
+        parts: dict[str, list[torch.Tensor]] = {}
+        if any(site.interleaved for site, _ in sites):
+            raise CheckpointError(
+                f"AdapterHub format: the fused projection {path!r} holds q/k/v interleaved per head; AdapterHub's "
+                "merged LoRA format stores contiguous parts only"
             )
-            if not scale:
-                parts["lora_A"].append(torch.zeros(config.r, in_f))
+        for site, present in sorted(sites, key=lambda s: s[0].out_ranges or ((0, 0),)):
+            if site.out_ranges is not None and (
+                config.use_dora or config.is_vera or config.method == "mtl_lora"
+            ):
+                raise CheckpointError(
+                    f"AdapterHub's fused-projection LoRA (LoRAMergedLinear, {path!r}) has no DoRA, VeRA or MTL-LoRA "
+                    "forward; "
+                    f"adapter {name!r} at the slice site {site.kind!r} cannot be written for it"
+                )
+            if present:
+                for (i, kind, p), value in params.items():
+                    mapped = to_adapterhub_param(p, value) if (i, kind) == (index, site.kind) else None
+                    if mapped is not None:
+                        parts.setdefault(mapped[0], []).append(mapped[1])
+                continue
+            proj = model.get_submodule(f"{layers.paths[index]}.{path}")
+            in_f, out_f, transposed = projection_features(proj)
+            start, stop = site.out_slice if site.out_slice else (0, out_f)
+            w = (proj.weight.t() if transposed else proj.weight)[start:stop] if config.use_dora else None
+            for p, value in noop_tensors(config, stop - start, in_f, w).items():
+                parts.setdefault(p, []).append(value)
         base = f"{layers.saved_path(index, path)}.loras.{name}"
-        out.update({f"{base}.{p}": torch.cat(ts, 0) for p, ts in parts.items() if ts})
+        out.update({f"{base}.{p}": torch.cat(ts, 0) for p, ts in parts.items()})
+    if config.is_vera:
+        first = min(record.sites)
+        shared = f"{layers.prefix}.{SHARED}" if layers.prefix else SHARED
+        if not layers.prefix:
+            logger.warning(
+                "VeRA adapter %r of %s (no base-model prefix): AdapterHub 1.3.0 loads its shared projections "
+                "only under a prefix ('.shared_parameters.'); load it into a model with a head there",
+                name,
+                type(model).__name__,
+            )
+        for p in ("lora_A", "lora_B"):
+            out[f"{shared}.{name}.{p}"] = params[(*first, f"shared.{p}")]
     return out
 
 
@@ -741,3 +779,63 @@ def save_adapter_fusion(
     folder = Path(directory)
     _write(folder, FUSION_FILES, meta, tensors, use_safetensors)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# other architectures (one module each)
+
+
+def _read_reft(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_reft import reft_config, reft_weights
+
+    return reft_config(data, source), reft_weights(model, tensors, saved, source)
+
+
+def _write_reft(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_reft import reft_tensors
+
+    if not record.config.subtract_projection:
+        raise CheckpointError(
+            f"adapter {name!r} is a DiReFT (subtract_projection=False), which adapters 1.3.0 cannot load: it rebuilds "
+            "ReFT configs from their fields and subtract_projection is not one, so it would run it as NoReFT"
+        )
+
+    return record.config.to_adapterhub(), reft_tensors(model, record, params, name)
+
+
+OTHER_ARCHITECTURES["reft"] = (_read_reft,)
+WRITERS["reft"] = _write_reft
+
+
+def _read_prefix(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_prompts import prefix_config, prefix_weights
+
+    config = prefix_config(data, source)
+    return config, prefix_weights(model, config, tensors, saved, source)
+
+
+def _write_prefix(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_prompts import prefix_dict, prefix_tensors
+
+    return prefix_dict(record.config), prefix_tensors(model, record, params, name)
+
+
+def _read_prompt(model: nn.Module, data: dict, tensors: dict, saved: str, source: str) -> tuple[Any, dict]:
+    from .adapterhub_prompts import prompt_config, prompt_weights
+
+    return prompt_config(data, source), prompt_weights(model, tensors, saved, source)
+
+
+def _write_prompt(model: nn.Module, record: Any, params: dict, name: str) -> tuple[dict, dict]:
+    from .adapterhub_prompts import prompt_dict, prompt_tensors
+
+    return prompt_dict(record.config), prompt_tensors(model, record, params, name)
+
+
+OTHER_ARCHITECTURES["prefix_tuning"] = (_read_prefix,)
+OTHER_ARCHITECTURES["prompt_tuning"] = (_read_prompt,)
+WRITERS["prefix_tuning"] = _write_prefix
+WRITERS["prompt_tuning"] = _write_prompt
+
+OTHER_ARCHITECTURES["union"] = (adapterhub_union.read_union,)
+WRITERS["union"] = adapterhub_union.write_union

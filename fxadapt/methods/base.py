@@ -3,19 +3,57 @@
 A method is one file in ``fxadapt/methods/``: a frozen config dataclass, the module(s) holding its weights with
 their reference math, and a ``Method`` subclass that says which sites it uses and how it rewrites a site.
 It registers itself with :func:`register_method`; nothing else in fxadapt names it.
+
+Design note: capabilities, not special cases
+--------------------------------------------
+The generic verbs (``inject``, ``remove``, ``merge``, ``add_fusion``, ``eject_prefix``, the formats) never test
+which method an adapter is. They ask the method, through these declared capabilities (each with a default that
+means "not this method's business"):
+
+==============================  =================================================================================
+capability                      what a verb gets from it
+==============================  =================================================================================
+:meth:`Method.select_sites`,    the layer sites an adapter attaches to, and the module built at each; the
+:meth:`Method.build_all`,       layers' generated code then calls it there (:meth:`Method.compose_site`)
+:meth:`Method.compose_site`
+:meth:`Method.build_model_parts`  modules that act *outside* the layers' generated code: prompt tuning's soft
+                                prompt in front of the input embeddings, an invertible adapter on the embedding
+                                output, LoRA on a projection that lies in no layer (``pooler.dense``), ReFT on
+                                a layer's output positions. Keyed ``(layer index, part name)``: the module is kept
+                                in that layer's ``fxadapt.<adapter>`` container like a site's module (so it is
+                                saved, loaded, trained and removed with the adapter), but no layer code calls it
+:meth:`Method.model_hooks`      the hooks that apply those parts: ``{key: install}``, where ``install(model)``
+                                registers forward (pre-)hooks on any module of the model and returns a handle
+                                with ``remove()``. One hook per (method, key) serves every adapter that asks for
+                                it; it is removed when the last of them is. At run time a hook finds the active
+                                adapters' parts with :func:`fxadapt.parts.active_parts`
+:meth:`Method.why_not_mergeable`  ``None`` if :meth:`Method.merge` can fold the adapter into the base weights, else
+                                the reason, which ``merge`` puts in its error
+:meth:`Method.fusion_kinds`     the site kinds at which AdapterFusion can attend over this adapter's output
+:meth:`Method.eject`            a training-time reparameterisation replaced by the weights it produces
+                                (prefix tuning's MLP → flat prefixes): the config to record from then on
+:meth:`Method.components`       an adapter built from several methods under one name (AdapterHub's
+                                ``ConfigUnion``: MAM, UniPELT): its ``(method, config)`` parts. Every verb walks
+                                the components, so a union needs no case of its own anywhere
+==============================  =================================================================================
+
+The model-level context a method gets when it builds parts or hooks is :class:`fxadapt.parts.ModelContext`
+(the model, its layers, their site reports, and the ``embed`` site: the module whose output the first layer
+receives, found by one forward).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import nn
 
 from ..errors import ConfigError, nearest
 
 if TYPE_CHECKING:
+    from ..parts import ModelContext
     from ..rewrite import Emitter, SitePlan
     from ..sites import ModuleSite, ResidualSite, SiteReport
 
@@ -23,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdapterConfig",
+    "HookHandle",
     "Method",
     "config_from_dict",
     "method_for",
@@ -40,21 +79,40 @@ class AdapterConfig:
     method: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"method": self.method}
+        """JSON-ready: ``{"method": ..., <fields>}``; tuples become lists, nested configs their dicts."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, AdapterConfig):
+                return value.to_dict()
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            out[f.name] = plain(getattr(self, f.name))
         return out
 
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
+class HookHandle(Protocol):
+    """What ``install(model)`` of :meth:`Method.model_hooks` returns (``torch.utils.hooks.RemovableHandle`` is one)."""
+
+    def remove(self) -> None: ...
+
+
 class Method:
-    """Per-method behaviour. Subclasses set ``name`` and ``config_class`` and implement the hooks."""
+    """Per-method behaviour. Subclasses set ``name`` and ``config_class`` and implement the hooks.
+
+    The capabilities the generic verbs call are listed in the module docstring; each has a default that means the
+    method does not have it.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
+    #: shortcut for :meth:`why_not_mergeable`: a method whose every config folds into the base weights
     mergeable: ClassVar[bool] = False
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
@@ -108,6 +166,45 @@ class Method:
         Only methods with ``mergeable = True`` implement it; the adapter's own weights stay untouched.
         """
         raise NotImplementedError
+
+    def why_not_mergeable(self, config: AdapterConfig) -> str | None:
+        """``None`` if :meth:`merge` folds this config into the base weights; else why not, as a clause that
+        follows "cannot be merged into the base weights: " in the error of :func:`fxadapt.merge`."""
+        if self.mergeable:
+            return None
+        return f"{self.name} is not a linear reparametrisation of the base weights"
+
+    def fusion_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
+        """Residual site kinds where AdapterFusion can attend over this adapter's output (none by default)."""
+        return ()
+
+    def build_model_parts(
+        self, config: AdapterConfig, context: ModelContext
+    ) -> dict[tuple[int, str], nn.Module]:
+        """Modules acting outside the layers' generated code, keyed ``(layer index, part name)`` (the layer whose
+        container keeps the module; the part name is its key there). No layer code calls them: the hooks of
+        :meth:`model_hooks` apply them. Default: none. Raise :class:`~fxadapt.SiteNotFoundError` where the model
+        lacks what a part needs (the model is untouched then)."""
+        return {}
+
+    def model_hooks(
+        self, config: AdapterConfig, context: ModelContext
+    ) -> dict[str, Callable[[nn.Module], Any]]:
+        """``{key: install}`` for the hooks that apply this config's model parts; ``install(model)`` registers them
+        and returns a :class:`HookHandle`. A key already installed on the model (by another adapter of this
+        method) is not installed again; its hook is removed with the last adapter that asked for it. The hooks
+        must apply only the *active* adapters' parts (:func:`fxadapt.parts.active_parts`)."""
+        return {}
+
+    def eject(self, config: AdapterConfig, modules: dict[tuple[int, str], nn.Module]) -> AdapterConfig | None:
+        """Replace a training-time reparameterisation by the weights it produces, in ``modules`` (the adapter's
+        modules by ``(layer index, site or part)``), and return the config to record from then on; ``None``: this
+        method has nothing to eject."""
+        return None
+
+    def components(self, config: AdapterConfig) -> tuple[tuple[Method, AdapterConfig], ...]:
+        """The ``(method, config)`` pairs this adapter is built from: itself, or the members of a union."""
+        return ((self, config),)
 
     def compose_site(self, emitter: Emitter, site: Site, setup: Any, plan: SitePlan) -> None:
         """Emit the active setup's adapters at one site. The default supports a flat ``Stack`` (each adapter's

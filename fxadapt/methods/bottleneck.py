@@ -1,4 +1,5 @@
-"""Bottleneck adapters (AdapterHub's ``seq_bn``, ``double_seq_bn``, ``par_bn``, ``scaled_par_bn``).
+"""Bottleneck adapters: AdapterHub's ``BnConfig`` family (``seq_bn``, ``double_seq_bn``, ``par_bn``,
+``scaled_par_bn``, ``compacter``, ``compacter++``, ``seq_bn_inv``, ``double_seq_bn_inv``, AdapterPlus).
 
 With ``h = dropout(dense(x_in))`` the sublayer output, ``x`` the residual input, ``LN`` the layer's own norm
 (absent in pre-LN layers) and ``A(z) = dropout(s · up(act(down(z))))`` the bottleneck, a sequential adapter
@@ -12,29 +13,44 @@ computes (AdapterHub ``Adapter.pre_forward/forward/post_forward``):
 
 so ``seq_bn`` is ``y = LN(A(LN(h + x)) + h + x)`` and ``double_seq_bn`` is ``y = LN(A(h) + h + x)``.
 A parallel adapter (``par_bn``) reads the residual input: ``y = LN(h + x + A(x))`` with ``s = 4``.
+
+AdapterHub's other bottleneck options, each an option of :class:`BottleneckConfig` as in its ``BnConfig``:
+
+- ``phm_layer`` (Compacter): the down and up projections are PHM layers (``phm.py``);
+- ``use_gating``: ``A(z) · g`` with ``g = mean over positions of sigmoid(gate(z))`` (one scalar per sequence;
+  ``gate: Linear(hidden, 1)``), as UniPELT uses it;
+- ``stochastic_depth`` (AdapterPlus' drop path, torchvision's ``StochasticDepth(p, "row")``): in train mode the
+  up-projection of each sequence is zeroed with probability ``p`` and otherwise divided by ``1 - p``, before the
+  scaling; one Bernoulli draw per sequence from the global generator, as AdapterHub draws it. AdapterHub applies it
+  in sequential adapters only (its ``ParallelAdapter`` ignores it), and so does fxadapt;
+- ``inv_adapter`` (MAD-X): an invertible block on the embedding output and its inverse before the output
+  embeddings (``invertible.py``), model parts applied by hooks.
+
+The composition of adapters at a site (Stack, Fuse, Split, Parallel, BatchSplit, Average, PerRow) is in
+``bottleneck_compose.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..compose import Composer, Fuse, PerRow, check_size, compose
-from ..errors import CompositionError, ConfigError, nearest
-from ..lowering import fused_bottleneck, per_row_bottleneck, why_not_fused
-from ..routing import current_ids
+from ..errors import ConfigError, SiteNotFoundError, nearest
 from ..sites import RESIDUAL_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
+from .bottleneck_compose import compose_bottleneck_site, weighted_mean
+from .invertible import INV_PART, INV_TYPES, NICECouplingBlock, invertible_hooks
+from .phm import PHMLinear, PHMShared
 
-__all__ = ["Bottleneck", "BottleneckConfig", "activation", "activation_names"]
+__all__ = ["Bottleneck", "BottleneckConfig", "activation", "activation_names", "weighted_mean"]
 
 _INITS = ("bert", "mam_adapter", "houlsby")
+_PHM_W_INITS = ("phm", "glorot-normal", "glorot-uniform", "normal")
 
 
 def activation_names() -> list[str]:
@@ -76,6 +92,15 @@ class BottleneckConfig(AdapterConfig):
             or ``"houlsby"`` (truncated normal, std 1e-2).
         dropout: dropout on the adapter output.
         leave_out: layer indices (over all layer lists, encoder first) that get no adapter.
+        use_gating: multiply the adapter output by a learned gate (UniPELT).
+        stochastic_depth: drop-path probability of the adapter output in train mode (AdapterPlus).
+        inv_adapter: ``"nice"``: an invertible adapter on the embedding output (MAD-X); None: none.
+        inv_adapter_reduction_factor: reduction factor inside the invertible block's MLPs.
+        phm_layer: PHM (Compacter) down and up projections; the ``phm_*`` options and ``factorized_phm_W``,
+            ``shared_W_phm``, ``shared_phm_rule``, ``factorized_phm_rule``, ``learn_phm``,
+            ``hypercomplex_nonlinearity`` are AdapterHub's (see ``phm.py``).
+        init_weights_seed: seed ``torch.manual_seed`` before initialising each adapter module (AdapterHub's:
+            every module then starts with the same weights).
     """
 
     method = "bottleneck"
@@ -94,6 +119,23 @@ class BottleneckConfig(AdapterConfig):
     init_weights: str = "bert"
     dropout: float = 0.0
     leave_out: tuple[int, ...] = ()
+    use_gating: bool = False
+    stochastic_depth: float = 0.0
+    inv_adapter: str | None = None
+    inv_adapter_reduction_factor: float | None = None
+    phm_layer: bool = False
+    phm_dim: int = 4
+    factorized_phm_W: bool = True
+    shared_W_phm: bool = False
+    shared_phm_rule: bool = True
+    factorized_phm_rule: bool = False
+    phm_c_init: str = "normal"
+    phm_init_range: float = 0.0001
+    learn_phm: bool = True
+    hypercomplex_nonlinearity: str = "glorot-uniform"
+    phm_rank: int = 1
+    phm_bias: bool = True
+    init_weights_seed: int | None = None
 
     def __post_init__(self) -> None:
         def fail(field: str, value: Any, expected: str, choices: Any = ()) -> None:
@@ -128,6 +170,14 @@ class BottleneckConfig(AdapterConfig):
             "ln_before",
             "ln_after",
             "is_parallel",
+            "use_gating",
+            "phm_layer",
+            "factorized_phm_W",
+            "shared_W_phm",
+            "shared_phm_rule",
+            "factorized_phm_rule",
+            "learn_phm",
+            "phm_bias",
         ):
             if not isinstance(getattr(self, flag), bool):
                 fail(flag, getattr(self, flag), "True or False")
@@ -150,6 +200,46 @@ class BottleneckConfig(AdapterConfig):
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in leave_out):
             fail("leave_out", self.leave_out, "a list of layer indices (ints >= 0)")
         object.__setattr__(self, "leave_out", leave_out)
+        p = self.stochastic_depth
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            fail("stochastic_depth", p, "a drop-path probability in [0, 1)")
+        if self.inv_adapter is not None:
+            if self.inv_adapter == "glow":
+                raise ConfigError(
+                    "BottleneckConfig.inv_adapter='glow' is not supported: AdapterHub 1.3.0's GLOW coupling block "
+                    "slices the sequence axis and returns a list, so it defines no working invertible adapter to "
+                    "reproduce; use inv_adapter='nice'"
+                )
+            if self.inv_adapter not in INV_TYPES:
+                fail("inv_adapter", self.inv_adapter, f"None or one of {list(INV_TYPES)}", INV_TYPES)
+            rf = self.inv_adapter_reduction_factor
+            if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf > 0:
+                fail("inv_adapter_reduction_factor", rf, "a number > 0 when inv_adapter is set")
+        for field in ("phm_dim", "phm_rank"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail(field, v, "an int >= 1")
+        if self.phm_c_init not in ("normal", "uniform"):
+            fail("phm_c_init", self.phm_c_init, "'normal' or 'uniform'", ("normal", "uniform"))
+        if self.hypercomplex_nonlinearity not in _PHM_W_INITS:
+            fail(
+                "hypercomplex_nonlinearity",
+                self.hypercomplex_nonlinearity,
+                f"one of {list(_PHM_W_INITS)}",
+                _PHM_W_INITS,
+            )
+        r = self.phm_init_range
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+            fail("phm_init_range", r, "a number > 0")
+        if self.phm_layer and self.init_weights != "bert":
+            raise ConfigError(
+                f"BottleneckConfig(phm_layer=True, init_weights={self.init_weights!r}) is not supported: "
+                "AdapterHub's mam_adapter and houlsby inits address a .weight that PHM layers do not have (they "
+                "fail there); Compacter adapters use init_weights='bert'"
+            )
+        seed = self.init_weights_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            fail("init_weights_seed", seed, "None or an int")
 
     def reduction_for(self, layer_index: int) -> float:
         rf = self.reduction_factor
@@ -173,10 +263,16 @@ class Bottleneck(nn.Module):
         self.parallel = config.is_parallel
         self.residual_before_norm = config.adapter_residual_before_ln
         self.norm_before = nn.LayerNorm(hidden_size) if config.ln_before else None
-        self.down = nn.Linear(hidden_size, width)
+        if config.phm_layer:
+            self.down: nn.Module = PHMLinear(hidden_size, width, "down", config)
+        else:
+            self.down = nn.Linear(hidden_size, width)
         self.act = activation(config.non_linearity)
         self.act_name = config.non_linearity.lower()
-        self.up = nn.Linear(width, hidden_size)
+        if config.phm_layer:
+            self.up: nn.Module = PHMLinear(width, hidden_size, "up", config)
+        else:
+            self.up = nn.Linear(width, hidden_size)
         if config.scaling == "learned":
             self.scaling: float | nn.Parameter = nn.Parameter(torch.ones(1))
         elif config.scaling == "channel":
@@ -184,13 +280,24 @@ class Bottleneck(nn.Module):
         else:
             self.scaling = float(config.scaling)
         self.norm_after = nn.LayerNorm(hidden_size) if config.ln_after else None
+        self.gate = nn.Linear(hidden_size, 1) if config.use_gating else None
         self.dropout = nn.Dropout(config.dropout)
+        # AdapterHub's Adapter drops paths; its ParallelAdapter has no drop path
+        self.drop_path = 0.0 if config.is_parallel else float(config.stochastic_depth)
+        if config.init_weights_seed:  # AdapterHub's fix_seed: every module starts alike
+            torch.manual_seed(config.init_weights_seed)
         self.reset_parameters(config.init_weights)
+
+    @property
+    def plain(self) -> bool:
+        """Linear projections, no gate, no drop path: what the fused kernels compute."""
+        return isinstance(self.down, nn.Linear) and self.gate is None and self.drop_path == 0
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
+        linears = [m for m in (self.down, self.up) if isinstance(m, nn.Linear)]
         if init == "bert":
-            for lin in (self.down, self.up):
+            for lin in [*linears, *([self.gate] if self.gate is not None else [])]:
                 lin.weight.normal_(mean=0.0, std=0.02)
                 lin.bias.zero_()
         elif init == "mam_adapter":
@@ -198,18 +305,32 @@ class Bottleneck(nn.Module):
             self.down.bias.zero_()
             self.up.weight.zero_()
             self.up.bias.zero_()
-        elif init == "houlsby":
-            for lin in (self.down, self.up):
+            if self.gate is not None:
+                self.gate.weight.normal_(mean=0.0, std=0.02)
+                self.gate.bias.zero_()
+        elif init == "houlsby":  # the gate keeps torch's default init (AdapterHub does not touch it)
+            for lin in linears:
                 nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
                 lin.bias.zero_()
+
+    def share(self, shared: PHMShared) -> None:
+        """Give the PHM projections the adapter's shared PHM weights."""
+        for proj in (self.down, self.up):
+            proj.share(shared)
 
     def forward(
         self, z: torch.Tensor, residual: torch.Tensor | None = None, return_up: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The adapter's output; with ``return_up`` also the scaled up-projection (what AdapterFusion attends)."""
         inner = self.norm_before(z) if self.norm_before is not None else z
-        up = self.up(self.act(self.down(inner))) * self.scaling
+        up = self.up(self.act(self.down(inner)))
+        if self.drop_path and self.training:
+            up = drop_path(up, self.drop_path)
+        up = up * self.scaling
         out = self.dropout(up)
+        if self.gate is not None:
+            gate = torch.sigmoid(self.gate(z)).mean(dim=1).unsqueeze(-1)  # [batch, 1, 1]
+            out = out * gate
         if self.parallel:
             out = self.norm_after(out) if self.norm_after is not None else out
         else:
@@ -222,6 +343,17 @@ class Bottleneck(nn.Module):
         return (out, up) if return_up else out
 
 
+def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """torchvision's ``stochastic_depth(x, p, "row", training=True)``: each row kept with probability ``1 - p``
+    (then divided by it), one Bernoulli draw per row from the global generator."""
+    survival = 1.0 - p
+    noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    noise.bernoulli_(survival)
+    if survival > 0.0:
+        noise.div_(survival)
+    return x * noise
+
+
 @register_method
 class BottleneckMethod(Method):
     name = "bottleneck"
@@ -231,237 +363,71 @@ class BottleneckMethod(Method):
         assert isinstance(config, BottleneckConfig)
         return config.sites
 
+    def fusion_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
+        assert isinstance(config, BottleneckConfig)
+        return config.sites
+
     def build(self, config, site, layer, layer_index):  # type: ignore[override]
-        hidden_size = site.hidden_size
-        rf = config.reduction_for(layer_index)
-        width = int(hidden_size // rf)
-        if width < 1 or rf > hidden_size:
-            raise ConfigError(
-                f"BottleneckConfig.reduction_factor={rf!r} gives a bottleneck of width {width} for hidden size "
-                f"{hidden_size}; expected 0 < reduction_factor <= {hidden_size}"
+        if getattr(site, "feature_dim", -1) != -1:
+            raise SiteNotFoundError(
+                f"bottleneck adapters at {site.kind!r} of {type(layer).__name__}: its residual stream is "
+                f"channels-first (features on dim {site.feature_dim}, convolution layers), and bottleneck adapters "
+                "act on the last dimension"
             )
+        hidden_size = site.hidden_size
+        width = _width(config, hidden_size, layer_index)
         return Bottleneck(hidden_size, width, config)
 
+    def build_all(self, config, sites, layers, paths):  # type: ignore[override]
+        out = super().build_all(config, sites, layers, paths)
+        if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and out:
+            first = next(iter(out))
+            hidden = sites[first].hidden_size
+            widths = {m.down.out_features for m in out.values()}
+            if config.shared_W_phm and len(widths) > 1:
+                raise ConfigError(
+                    f"BottleneckConfig(shared_W_phm=True) needs one bottleneck width in every layer, but "
+                    f"reduction_factor={config.reduction_factor!r} gives widths {sorted(widths)}"
+                )
+            shared = PHMShared(hidden, next(iter(widths)), config)
+            out[first].shared = shared  # saved once, with the first site's module
+            for module in out.values():
+                module.share(shared)
+        return out
+
+    def build_model_parts(self, config, context):  # type: ignore[override]
+        if config.inv_adapter is None:
+            return {}
+        context.embed()  # raises SiteNotFoundError where no module feeds the first layer
+        hidden = context.hidden_size
+        block = NICECouplingBlock(hidden, config.non_linearity, config.inv_adapter_reduction_factor)
+        return {(0, INV_PART): block}
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        if config.inv_adapter is None:
+            return {}
+        _, embed = context.embed()
+        return {"inv_adapter": invertible_hooks(embed, context.output_embeddings())}
+
     def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
-        if isinstance(setup, PerRow):
-            return _per_row_site(emitter, site, setup, plan)
-        e = emitter
-        refs = {ref.name: ref for ref in plan.adapters}
-        composer = _BottleneckComposer(
-            e, site, refs, {name: (target, cfg) for name, target, cfg in plan.fusions}
+        compose_bottleneck_site(emitter, site, setup, plan)
+
+
+def _width(config: BottleneckConfig, hidden_size: int, layer_index: int) -> int:
+    rf = config.reduction_for(layer_index)
+    width = int(hidden_size // rf)
+    if width < 1 or rf > hidden_size:
+        raise ConfigError(
+            f"BottleneckConfig.reduction_factor={rf!r} gives a bottleneck of width {width} for hidden size "
+            f"{hidden_size}; expected 0 < reduction_factor <= {hidden_size}"
         )
-        h, x = e.node(site.h), e.node(site.x)
-        with e.after(site.output):
-            state = compose(composer, setup, _State(h, x, x, None, None))
-            if state.last is None:  # nothing of the setup applies at this site: it stays as it was
-                e.discard()
-                return
-            last = refs[state.last].config
-            y = state.hidden
-            if last.is_parallel:
-                y = e.add(y, h)
-            if last.original_ln_after:
-                y = e.add(y, state.input)
-                if composer.norm is not None:
-                    y = e.norm(composer.norm, y)
-        e.replace(site, y)
-
-
-class _State(NamedTuple):
-    """AdapterHub's BottleneckState, over graph nodes."""
-
-    hidden: Any
-    input: Any
-    residual: Any
-    up: Any
-    last: str | None
-
-
-class _BottleneckComposer(Composer[_State]):
-    """State hooks of bottleneck adapters at one residual site (AdapterHub's ``BottleneckLayer``)."""
-
-    def __init__(self, emitter, site, refs, fusions):
-        self.e = emitter
-        self.refs = refs
-        self.fusions = fusions
-        self.norm = emitter.node(site.norm) if site.norm else None
-        self.site = site
-        self._fuse_depth = 0
-
-    def present(self, name: str) -> bool:
-        return name in self.refs
-
-    def _pre_forward(self, name: str, state: _State) -> tuple[_State, Any]:
-        """``Adapter.pre_forward``: (state with the adapter's input and residual, pre-norm hidden for queries)."""
-        config = self.refs[name].config
-        e, hidden = self.e, state.hidden
-        if config.is_parallel:
-            return state._replace(hidden=state.input, residual=state.input), state.input
-        residual = hidden if config.residual_before_ln is True else state.residual
-        before = hidden
-        if config.original_ln_before:
-            hidden = e.add(hidden, state.input)
-            if config.residual_before_ln == "post_add":
-                residual = hidden
-            if self.norm is not None:
-                hidden = e.norm(self.norm, hidden)
-        if config.residual_before_ln is False:
-            residual = hidden
-        return state._replace(hidden=hidden, residual=residual), before
-
-    def pre_block(self, setup, state: _State) -> _State:
-        name = setup if isinstance(setup, str) else next(n for n in setup.names() if n in self.refs)
-        return self._pre_forward(name, state)[0]
-
-    def single(self, name: str, state: _State) -> _State:
-        ref = self.refs[name]
-        args = (state.hidden, state.residual)
-        node_name = ref.node_name(self.site.kind)
-        if self.e.lower and not self._fuse_depth:
-            why = why_not_fused(self.e.root.get_submodule(ref.target), x_dtype=self.e.dtype)
-            if why is None:
-                module = self.e.attr(ref.target)
-                out = self.e.function(fused_bottleneck, (module, *args))
-                out.name = self.e.graph._graph_namespace.create_name(f"{node_name}_fused", out)
-                self.e.notes.append(f"{node_name}: lowered to fxadapt.kernels.bottleneck")
-                return state._replace(hidden=out, up=None, last=name)
-            self.e.notes.append(f"{node_name}: not lowered: {why}")
-        if self._fuse_depth:
-            both = self.e.call(ref.target, args, {"return_up": True}, name=ref.node_name(self.site.kind))
-            out, up = self.e.getitem(both, 0), self.e.getitem(both, 1)
-        else:
-            out, up = self.e.call(ref.target, args, name=ref.node_name(self.site.kind)), None
-        return state._replace(hidden=out, up=up, last=name)
-
-    def has_fusion(self, setup: Fuse) -> bool:
-        return setup.name in self.fusions
-
-    def pre_fuse(self, setup: Fuse, state: _State) -> tuple[_State, Any]:
-        last = setup.last() if setup.last() in self.refs else next(n for n in setup.names() if n in self.refs)
-        fused, before = self._pre_forward(last, state)
-        fusion_config = self.fusions[setup.name][1]
-        self._fuse_depth += 1
-        return fused, (before if fusion_config.query_before_ln else fused.hidden)
-
-    def fuse(self, setup: Fuse, state: _State, children: list[_State], query: Any) -> _State:
-        self._fuse_depth -= 1
-        target, _ = self.fusions[setup.name]
-        ups = self.e.function(torch.stack, ([c.up for c in children],), {"dim": 2})
-        out = self.e.call(
-            target, (query, ups, state.residual), name=f"fusion_{self.site.kind.replace('.', '_')}"
+    if config.phm_layer and (hidden_size % config.phm_dim or width % config.phm_dim):
+        raise ConfigError(
+            f"BottleneckConfig(phm_layer=True, phm_dim={config.phm_dim}): hidden size {hidden_size} and bottleneck "
+            f"width {width} (reduction_factor={rf!r}) must both be multiples of phm_dim; choose a reduction_factor "
+            f"giving a width divisible by {config.phm_dim}"
         )
-        return state._replace(hidden=out, last=setup.last())
-
-    def vslice(self, state: _State, index: Any) -> _State:
-        g = self.e.getitem
-        return _State(
-            g(state.hidden, index),
-            g(state.input, index),
-            g(state.residual, index),
-            g(state.up, index) if state.up is not None else None,
-            state.last,
-        )
-
-    def hslice(self, state: _State, index: Any) -> _State:
-        key = (slice(None), index)
-        g = self.e.getitem
-        return _State(
-            g(state.hidden, key),
-            g(state.input, key),
-            g(state.residual, key),
-            g(state.up, key) if state.up is not None else None,
-            state.last,
-        )
-
-    def cat(self, states: list[_State], dim: int, base: _State) -> _State:
-        def cat(nodes):
-            return self.e.function(torch.cat, (list(nodes),), {"dim": dim})
-
-        last = next((s.last for s in reversed(states) if s.last), base.last)
-        if dim == 1:  # Split: only the hidden states are reassembled (AdapterHub's compose_split)
-            return base._replace(hidden=cat(s.hidden for s in states), last=last)
-        ups = [s.up for s in states]
-        return _State(
-            cat(s.hidden for s in states),
-            cat(s.input for s in states),
-            cat(s.residual for s in states),
-            cat(ups) if all(u is not None for u in ups) else None,
-            last,
-        )
-
-    def mean(self, states: list[_State], weights: tuple[float, ...]) -> _State:
-        hidden = self.e.function(weighted_mean, ([s.hidden for s in states], weights))
-        return states[0]._replace(hidden=hidden, last=states[-1].last)
-
-    def batch_size(self, state: _State) -> Any:
-        return self.e.method("size", state.hidden, 0)
-
-    def seq_len(self, state: _State) -> Any:
-        return self.e.method("size", state.hidden, 1)
-
-    def per_replica(self, state: _State, n: int) -> Any:
-        return self.e.function(operator.floordiv, (self.batch_size(state), n))
-
-    def check(self, value: Any, expected: int, what: str) -> None:
-        self.e.function(check_size, (value, expected, what))
-
-    def times(self, value: Any, k: int) -> Any:
-        return value if k == 1 else self.e.function(operator.mul, (value, k))
-
-
-_STRUCTURE = ("original_ln_before", "original_ln_after", "residual_before_ln", "is_parallel")
-
-
-def _per_row_site(e, site, setup: PerRow, plan) -> None:
-    """Every row through its own adapter in one batched op (``fxadapt.kernels.bottleneck_multi``)."""
-    refs = {ref.name: ref for ref in plan.adapters}
-    configs = [refs[n].config for n in refs]
-    for field in _STRUCTURE:
-        if len({getattr(c, field) for c in configs}) > 1:
-            raise CompositionError(
-                f"PerRow{tuple(setup.names())}: adapters differ in {field} at site {site.kind!r}; per-row routing "
-                "needs adapters of one structure (e.g. all seq_bn)"
-            )
-    composer = _BottleneckComposer(e, site, refs, {})
-    h, x = e.node(site.h), e.node(site.x)
-    first = next(iter(refs))
-    with e.after(site.output):
-        state = composer._pre_forward(first, _State(h, x, x, None, None))[0]
-        device = e.function(getattr, (h, "device"))
-        ids = e.function(
-            route_ids, (e.function(current_ids, (device,)), tuple(n in refs for n in setup.children))
-        )
-        modules = [e.attr(refs[n].target) for n in setup.children if n in refs]
-        residual = state.residual if not configs[0].is_parallel else None
-        y = e.function(per_row_bottleneck, (state.hidden, residual, ids, modules))
-        if configs[0].is_parallel:
-            y = e.add(y, h)
-        if configs[0].original_ln_after:
-            y = e.add(y, state.input)
-            if composer.norm is not None:
-                y = e.norm(composer.norm, y)
-    e.replace(site, y)
-
-
-def route_ids(ids: torch.Tensor, present: tuple[bool, ...]) -> torch.Tensor:
-    """Map PerRow indices to this site's adapters (absent here → -1, no adapter)."""
-    table, j = [], 0
-    for p in present:
-        table.append(j if p else -1)
-        j += p
-    if len(table) and all(t == i for i, t in enumerate(table)):
-        return ids
-    lookup = torch.tensor([*table, -1], device=ids.device)  # index -1 → the trailing -1
-    return lookup[ids]
-
-
-def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
-    """AdapterHub's Average: ``mean(stack(hiddens) * weights)`` (the mean divides by the count once more)."""
-    stacked = torch.stack(hiddens, 0)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(
-        -1, *([1] * (stacked.dim() - 1))
-    )
-    return torch.mean(stacked * w, dim=0)
+    return width
 
 
 def _preset(**kw: Any):
@@ -495,5 +461,29 @@ register_preset(
         reduction_factor=2,
         scaling="learned",
         init_weights="mam_adapter",
+    ),
+)
+_SEQ: dict[str, Any] = {}
+_DOUBLE: dict[str, Any] = dict(sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish")
+_INV: dict[str, Any] = dict(inv_adapter="nice", inv_adapter_reduction_factor=2)
+_COMPACTER: dict[str, Any] = dict(phm_layer=True, reduction_factor=32, non_linearity="gelu")
+register_preset("seq_bn_inv", _preset(**_SEQ, **_INV))
+register_preset("pfeiffer+inv", _preset(**_SEQ, **_INV))
+register_preset("double_seq_bn_inv", _preset(**_DOUBLE, **_INV))
+register_preset("houlsby+inv", _preset(**_DOUBLE, **_INV))
+register_preset("compacter++", _preset(**_SEQ, **_COMPACTER))
+register_preset("compacter", _preset(**{**_DOUBLE, **_COMPACTER}))
+# AdapterHub's AdapterPlusConfig (it has no string name there)
+register_preset(
+    "adapterplus",
+    _preset(
+        original_ln_after=False,
+        original_ln_before=True,
+        residual_before_ln=False,
+        stochastic_depth=0.1,
+        init_weights="houlsby",
+        scaling="channel",
+        reduction_factor=96,
+        non_linearity="gelu",
     ),
 )

@@ -41,16 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compose import Composer
-from ..errors import CompositionError, ConfigError, nearest
+from ..errors import CompositionError, ConfigError, SiteNotFoundError, nearest
 from ..lowering import lower_projection, why_not_fused
 from ..sites import MODULE_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
 __all__ = ["IA3Vector", "LoRA", "LoRAConfig", "LoRAMethod", "lora_delta", "projection_features"]
 
-_INITS = ("lora", "bert", "gaussian", "ia3")
+_INITS = ("lora", "bert", "gaussian", "ia3", "vera")
 _MODES = ("add", "scale")
+_VARIANTS = ("adapterhub", "peft")
 _LINEAR = "linear:"
+_MODEL = "model:"  # a projection outside the repeating layers (lora_outside.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,6 +77,17 @@ class LoRAConfig(AdapterConfig):
             (A, B ~ N(0, 0.02)), ``"gaussian"`` (PEFT: A ~ N(0, 1/r), B zeros) or ``"ia3"`` (ones).
         composition_mode: ``"add"`` (LoRA) or ``"scale"`` ((IA)^3: the output times ``s·B``, needs r=1).
         leave_out: layer indices (over all layer lists, encoder first) that get no adapter.
+        use_dora: DoRA (``dora.py``): a learned magnitude per output feature rescales the adapted projection.
+        vera_d, vera_b: VeRA (``vera.py``): frozen random A, B shared by all projections of the adapter, trained
+            factors initialised to ``vera_d`` (before B) and ``vera_b`` (after B). Both or neither.
+        variant: whose formulas DoRA and VeRA follow where the peers differ: ``"adapterhub"`` (default) or
+            ``"peft"`` (``from_peft`` sets it). Plain LoRA and (IA)^3 are the same in both.
+        cross_attention: an ``attn.<m>`` site also adapts the same projection of the cross-attention
+            (``cross.<m>``) where a layer has one, as both peers do (AdapterHub's ``selfattn_lora`` and PEFT's
+            ``target_modules=["q", "v"]`` reach every attention module of encoder-decoder models); False adapts
+            the self-attention only.
+        use_gating: AdapterHub's gated LoRA (UniPELT): the update ``B A x`` times ``g = mean over positions of
+            sigmoid(gate(x))`` (``gate: Linear(in, 1)``) *instead of* the scaling ``s``, as AdapterHub computes it.
     """
 
     method: ClassVar[str] = "lora"
@@ -89,6 +102,12 @@ class LoRAConfig(AdapterConfig):
     init_weights: str = "lora"
     composition_mode: str = "add"
     leave_out: tuple[int, ...] = ()
+    use_dora: bool = False
+    vera_d: float | None = None
+    vera_b: float | None = None
+    variant: str = "adapterhub"
+    use_gating: bool = False
+    cross_attention: bool = True
 
     def _fail(self, field: str, value: Any, expected: str, choices: Any = ()) -> None:
         raise ConfigError(
@@ -116,12 +135,14 @@ class LoRAConfig(AdapterConfig):
             fail("sites", self.sites, f"a non-empty tuple of module site kinds {sorted(MODULE_SITE_KINDS)}")
         for s in sites:
             if not isinstance(s, str) or (
-                s not in MODULE_SITE_KINDS and not (s.startswith(_LINEAR) and len(s) > len(_LINEAR))
+                s not in MODULE_SITE_KINDS
+                and not any(s.startswith(pre) and len(s) > len(pre) for pre in (_LINEAR, _MODEL))
             ):
                 fail(
                     "sites",
                     s,
-                    f"module site kinds {sorted(MODULE_SITE_KINDS)} or 'linear:<module path>'",
+                    f"module site kinds {sorted(MODULE_SITE_KINDS)}, 'linear:<module path in the layer>' or "
+                    "'model:<module path outside the layers>'",
                     MODULE_SITE_KINDS,
                 )
         object.__setattr__(self, "sites", sites)
@@ -152,7 +173,7 @@ class LoRAConfig(AdapterConfig):
                 fail("r", self.r, "1 with composition_mode='scale' (one scale per output feature)")
             if self.dropout:
                 fail("dropout", self.dropout, "0.0 with composition_mode='scale' (no input to drop out)")
-            if self.init_weights == "gaussian":
+            if self.init_weights not in ("ia3", "lora", "bert"):
                 fail(
                     "init_weights", self.init_weights, "'ia3', 'lora' or 'bert' with composition_mode='scale'"
                 )
@@ -160,6 +181,42 @@ class LoRAConfig(AdapterConfig):
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in leave_out):
             fail("leave_out", self.leave_out, "a list of layer indices (ints >= 0)")
         object.__setattr__(self, "leave_out", leave_out)
+        self._check_forms()
+
+    def _check_forms(self) -> None:
+        """DoRA / VeRA options (AdapterHub's ``use_dora``, ``vera_d``, ``vera_b``)."""
+        fail = self._fail
+        if not isinstance(self.use_dora, bool):
+            fail("use_dora", self.use_dora, "True or False")
+        if self.variant not in _VARIANTS:
+            fail("variant", self.variant, f"one of {list(_VARIANTS)}", _VARIANTS)
+        for field in ("vera_d", "vera_b"):
+            v = getattr(self, field)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            ):
+                fail(field, v, "a finite number (VeRA's initial factor) or None")
+        if (self.vera_d is None) != (self.vera_b is None):
+            fail(
+                "vera_d" if self.vera_d is None else "vera_b",
+                None,
+                f"a number: VeRA needs both vera_d and vera_b (got vera_d={self.vera_d!r}, vera_b={self.vera_b!r})",
+            )
+        if not isinstance(self.use_gating, bool):
+            fail("use_gating", self.use_gating, "True or False")
+        if self.use_gating and (self.use_dora or self.is_vera or self.composition_mode == "scale"):
+            fail(
+                "use_gating",
+                True,
+                "False with DoRA, VeRA or composition_mode='scale': gated LoRA is plain LoRA with a gate",
+            )
+        if self.composition_mode == "scale" and (self.use_dora or self.is_vera):
+            which = "use_dora=True (DoRA)" if self.use_dora else "vera_d/vera_b (VeRA)"
+            fail("composition_mode", "scale", f"'add' with {which}: (IA)^3 scales have no low-rank update")
+
+    @property
+    def is_vera(self) -> bool:
+        return self.vera_d is not None
 
     @property
     def scaling(self) -> float:
@@ -172,18 +229,24 @@ class LoRAConfig(AdapterConfig):
         """The config equal to a PEFT ``LoraConfig`` (or its ``to_dict()`` / ``adapter_config.json`` dict).
 
         Maps ``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``, ``use_rslora`` and ``init_lora_weights``
-        (``True`` → ``"lora"``, ``"gaussian"``, ``False`` → ``"bert"``: random non-zero A and B). ``fan_in_fan_out``
-        is not needed (fxadapt reads the layout from the module). Settings that change the method (DoRA,
-        ``bias`` other than ``"none"``, rank/alpha patterns, ``layers_to_transform``, PiSSA/LoftQ/... inits)
-        raise ConfigError.
+        (``True`` → ``"lora"``, ``"gaussian"``, ``False`` → ``"bert"``: random non-zero A and B) and ``use_dora``
+        (DoRA with PEFT's formula, ``variant="peft"``); a ``VeraConfig`` (``peft_type="VERA"``) gives VeRA with
+        PEFT's formula. ``fan_in_fan_out`` is not needed (fxadapt reads the layout from the module). Settings that
+        change the method (``bias`` other than ``"none"``, rank/alpha patterns, ``layers_to_transform``,
+        PiSSA/LoftQ/... inits) raise ConfigError.
         """
         data = config.to_dict() if hasattr(config, "to_dict") else config
         if not isinstance(data, Mapping):
             raise ConfigError(f"from_peft expects a peft LoraConfig or a dict, got {type(config).__name__}")
         data = dict(data)
         peft_type = str(getattr(data.get("peft_type"), "value", data.get("peft_type") or "LORA"))
+        if peft_type.upper() == "VERA":
+            return cls._from_peft_vera(data)
         if peft_type.upper() != "LORA":
-            raise ConfigError(f"from_peft: peft_type={peft_type!r} is not a LoRA config; expected 'LORA'")
+            raise ConfigError(
+                f"from_peft: peft_type={peft_type!r} is not a LoRA config; expected 'LORA' or 'VERA' "
+                "(IA3Config.from_peft reads 'IA3')"
+            )
         targets = data.get("target_modules")
         if targets is None or isinstance(targets, str):
             raise ConfigError(
@@ -206,6 +269,7 @@ class LoRAConfig(AdapterConfig):
                     f"from_peft: {key}={value!r} is not supported by fxadapt's LoRA; expected its PEFT default "
                     f"(supported fields: {sorted(_PEFT_MAPPED)})"
                 )
+        dora = bool(data.get("use_dora", False))
         return cls(
             target_modules=tuple(sorted(targets)),
             r=data.get("r", 8),
@@ -213,6 +277,44 @@ class LoRAConfig(AdapterConfig):
             dropout=data.get("lora_dropout", 0.0),
             use_rslora=bool(data.get("use_rslora", False)),
             init_weights=inits[init],
+            use_dora=dora,
+            variant="peft" if dora else "adapterhub",
+        )
+
+    @classmethod
+    def _from_peft_vera(cls, data: dict[str, Any]) -> LoRAConfig:
+        """PEFT's ``VeraConfig``: ``r``, ``d_initial``, ``vera_dropout``; PEFT has no scaling (alpha = r)."""
+        targets = data.get("target_modules")
+        if targets is None or isinstance(targets, str):
+            raise ConfigError(
+                f"from_peft: target_modules={targets!r} is not supported; expected a list of module names"
+            )
+        if data.get("save_projection", True) is False:
+            raise ConfigError(
+                "from_peft: VeRA with save_projection=False regenerates its projections from projection_prng_key "
+                "with PEFT's generator; fxadapt reads VeRA adapters saved with their projections "
+                "(save_projection=True, PEFT's default)"
+            )
+        allowed = {"r", "target_modules", "d_initial", "vera_dropout", "save_projection", "projection_prng_key",
+                   "init_weights"}  # fmt: skip
+        for key, value in data.items():
+            if key in allowed or key in _PEFT_IGNORED:
+                continue
+            if value not in (None, False, "none", {}, [], ()):
+                raise ConfigError(
+                    f"from_peft: VeRA {key}={value!r} is not supported by fxadapt; expected its PEFT default "
+                    f"(supported fields: {sorted(allowed)})"
+                )
+        r = data.get("r", 256)
+        return cls(
+            target_modules=tuple(sorted(targets)),
+            r=r,
+            alpha=r,
+            dropout=data.get("vera_dropout", 0.0),
+            vera_d=data.get("d_initial", 0.1),
+            vera_b=0.0,
+            init_weights="vera",
+            variant="peft",
         )
 
     @classmethod
@@ -223,11 +325,6 @@ class LoRAConfig(AdapterConfig):
         ``output_lora`` → ``ffn.down``. ``composition_mode="scale"`` gives an :class:`~fxadapt.IA3Config`.
         """
         data = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        for key in ("use_gating", "use_dora", "vera_d", "vera_b"):
-            if data.get(key) not in (None, False):
-                raise ConfigError(
-                    f"from_adapterhub: {key}={data[key]!r} is not supported; expected its default"
-                )
         sites: list[str] = []
         if data.get("selfattn_lora", True):
             sites += [f"attn.{m}" for m in data.get("attn_matrices", ["q", "v"])]
@@ -243,6 +340,10 @@ class LoRAConfig(AdapterConfig):
             init_weights=data.get("init_weights", "lora"),
             composition_mode=data.get("composition_mode", "add"),
             leave_out=tuple(data.get("leave_out") or ()),
+            use_dora=bool(data.get("use_dora", False)),
+            vera_d=data.get("vera_d"),
+            vera_b=data.get("vera_b"),
+            use_gating=bool(data.get("use_gating", False)),
         )
         target = cls
         if kwargs["composition_mode"] == "scale":
@@ -252,7 +353,15 @@ class LoRAConfig(AdapterConfig):
         return target(**kwargs)
 
 
-_PEFT_MAPPED = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "init_lora_weights"}
+_PEFT_MAPPED = {
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "use_dora",
+}
 # bookkeeping fields of a PEFT config that do not change what the adapter computes
 _PEFT_IGNORED = {
     "task_type",
@@ -308,22 +417,44 @@ def projection_features(module: nn.Module) -> tuple[int, int, bool]:
 
 
 class _SiteSlice(nn.Module):
-    """Where the adapter's features sit in the projection output: ``[start, stop)`` of ``width``."""
+    """Where the adapter's features sit in the projection output: the runs ``ranges`` of ``width`` features (one
+    run for a contiguous part of a fused projection, several for parts interleaved per head)."""
 
-    def __init__(self, out_slice: tuple[int, int] | None, width: int):
+    def __init__(self, out_ranges, width: int):
         super().__init__()
-        self.start, self.stop = out_slice if out_slice is not None else (0, width)
+        if out_ranges is not None and len(out_ranges) == 2 and isinstance(out_ranges[0], int):
+            out_ranges = (tuple(out_ranges),)  # a single (start, stop) slice
+        self.ranges: tuple[tuple[int, int], ...] = (
+            tuple(out_ranges) if out_ranges is not None else ((0, width),)
+        )
+        self.start, self.stop = self.ranges[0][0], self.ranges[-1][1]
         self.width = width
+        self._index: torch.Tensor | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.ranges == ((0, self.width),)
+
+    def feature_index(self, device: torch.device | None = None) -> slice | torch.Tensor:
+        """The adapter's output features: a slice for one run, else an index tensor."""
+        if len(self.ranges) == 1:
+            return slice(self.start, self.stop)
+        if self._index is None or (device is not None and self._index.device != device):
+            index = torch.cat([torch.arange(a, b) for a, b in self.ranges])
+            self._index = index.to(device) if device is not None else index
+        return self._index
 
     def pad(self, t: torch.Tensor, value: float) -> torch.Tensor:
-        """Pad the last dimension of ``t`` from the slice to the projection's full width."""
-        if self.start == 0 and self.stop == self.width:
+        """Place the last dimension of ``t`` at the adapter's features of the projection's full width."""
+        if self.whole:
             return t
-        return F.pad(t, (self.start, self.width - self.stop), value=value)
+        if len(self.ranges) == 1:
+            return F.pad(t, (self.start, self.width - self.stop), value=value)
+        out = t.new_full((*t.shape[:-1], self.width), value)
+        return out.index_copy(-1, self.feature_index(t.device), t)
 
     def extra_repr(self) -> str:
-        sliced = self.start != 0 or self.stop != self.width
-        return f"out_slice=({self.start}, {self.stop}) of {self.width}" if sliced else ""
+        return "" if self.whole else f"out_ranges={list(self.ranges)} of {self.width}"
 
 
 class LoRA(_SiteSlice):
@@ -343,6 +474,9 @@ class LoRA(_SiteSlice):
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters(config.init_weights)
+        self.gate = nn.Linear(in_features, 1) if getattr(config, "use_gating", False) else None
+        if self.gate is not None:  # AdapterHub: N(0, 0.02) weight, torch's default bias
+            nn.init.normal_(self.gate.weight, std=0.02)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -358,8 +492,14 @@ class LoRA(_SiteSlice):
         elif init == "ia3":
             nn.init.ones_(self.lora_A)
             nn.init.ones_(self.lora_B)
+        elif init == "vera":  # AdapterHub allows VeRA's init for plain LoRA too: Kaiming-uniform A and B
+            nn.init.kaiming_uniform_(self.lora_A)
+            nn.init.kaiming_uniform_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:  # the gate replaces the scaling (AdapterHub's LoRA.forward)
+            gate = torch.sigmoid(self.gate(x)).mean(dim=1).unsqueeze(-1)
+            return self.pad(lora_delta(self.dropout(x), self.lora_A, self.lora_B, 1.0) * gate, 0.0)
         return self.pad(lora_delta(self.dropout(x), self.lora_A, self.lora_B, self.scaling), 0.0)
 
     def delta_weight(self) -> torch.Tensor:
@@ -415,13 +555,40 @@ class LoRAMethod(Method):
         assert isinstance(config, LoRAConfig)
         return config.sites
 
+    def why_not_mergeable(self, config: AdapterConfig) -> str | None:
+        if getattr(config, "use_gating", False):
+            return "its gate depends on each input (gated LoRA), so no fixed weight equals it"
+        return None
+
     def requests(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, LoRAConfig)
-        return config.target_modules if config.target_modules is not None else config.sites
+        if config.target_modules is not None:
+            return ()  # names may match outside the layers too: build_model_parts checks every one
+        return tuple(s for s in config.sites if not s.startswith(_MODEL))
+
+    def build_model_parts(self, config, context):  # type: ignore[override]
+        from .lora_outside import build_outside_parts  # lora_outside.py builds on this module
+
+        return build_outside_parts(config, context)
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        from .lora_outside import OutsideHooks, outside_paths
+
+        return {
+            f"outside:{path}": (lambda model, path=path: OutsideHooks(model, path))
+            for path in outside_paths(config, context.model, context.paths)
+        }
 
     def select_sites(self, config, report, layer):  # type: ignore[override]
         if config.target_modules is None:
-            return super().select_sites(config, report, layer)
+            out = super().select_sites(config, report, layer)
+            if config.cross_attention:
+                for kind in config.sites:
+                    role = kind[len("attn.") :] if kind.startswith("attn.") else None
+                    site = report.site(f"cross.{role}") if role in ("q", "k", "v", "o", "qkv") else None
+                    if site is not None:
+                        out.append((kind, site))
+            return out
         out = []
         for request in config.target_modules:
             name = request.strip(".")
@@ -433,19 +600,97 @@ class LoRAMethod(Method):
         return out
 
     def build(self, config, site, layer, layer_index):  # type: ignore[override]
-        in_f, width, _ = projection_features(layer.get_submodule(site.module))
+        try:
+            proj = layer.get_submodule(site.module)
+        except AttributeError:
+            raise SiteNotFoundError(
+                f"LoRA at {site.kind!r} of {type(layer).__name__}: that projection is the op {site.module!r} with a "
+                "parameter weight (e.g. an einsum), not a module; LoRA adapts projection modules (nn.Linear, "
+                "transformers' Conv1D)"
+            ) from None
+        in_f, width, transposed = projection_features(proj)
+        ranges = getattr(site, "out_ranges", None)
+        features = sum(b - a for a, b in ranges) if ranges is not None else width
+        interleaved = ranges is not None and len(ranges) > 1
+        if interleaved and (config.use_dora or config.is_vera or _feeds_forward(config, site)):
+            raise ConfigError(
+                f"{config.method} at {site.kind!r}: that site is a part of {site.module!r} interleaved per head; "
+                "DoRA, VeRA and input-scaling (IA)^3 need a contiguous part or the whole projection (attn.qkv)"
+            )
         start, stop = site.out_slice if site.out_slice is not None else (0, width)
-        if config.composition_mode == "scale":
-            module: nn.Module = IA3Vector(stop - start, config, site.out_slice, width)
+        if config.composition_mode == "scale" and _feeds_forward(config, site):
+            from .ia3 import IA3InputVector  # ia3.py builds on this module
+
+            module: nn.Module = IA3InputVector(in_f, config, site, transposed)
+        elif config.composition_mode == "scale":
+            module = IA3Vector(features, config, ranges, width)
+        elif config.use_dora:
+            from .dora import DoRALoRA  # dora.py builds on this module
+
+            rows = (proj.weight.t() if transposed else proj.weight)[start:stop]
+            module = DoRALoRA(in_f, stop - start, config, rows, transposed, site.out_slice, width)
         else:
-            module = LoRA(in_f, stop - start, config, site.out_slice, width)
+            module = LoRA(in_f, features, config, ranges, width)
         return module.train(layer.training)  # an eval model gets an eval adapter (its dropout off)
 
+    def build_all(self, config, sites, layers, paths):  # type: ignore[override]
+        if not config.is_vera:
+            return super().build_all(config, sites, layers, paths)
+        from .vera import DoRAVeRA, VeRA, build_vera  # vera.py builds on this module
+
+        shapes, info = {}, {}
+        for key, site in sites.items():
+            if getattr(site, "interleaved", False):
+                raise ConfigError(
+                    f"VeRA at {site.kind!r}: that site is a part of {site.module!r} interleaved per head; VeRA needs "
+                    "a contiguous part or the whole projection (attn.qkv)"
+                )
+            proj = layers[key[0]].get_submodule(site.module)
+            in_f, width, transposed = projection_features(proj)
+            start, stop = site.out_slice if site.out_slice is not None else (0, width)
+            shapes[key] = (in_f, stop - start)
+            info[key] = (proj, width, transposed, start, stop)
+        if not sites:
+            return {}
+        order = sorted(sites)
+        shared = build_vera(config, shapes, order[0])
+        out = {}
+        for key in order:
+            proj, width, transposed, start, stop = info[key]
+            args = (
+                shapes[key][0],
+                shapes[key][1],
+                config,
+                shared,
+                key == order[0],
+                sites[key].out_slice,
+                width,
+            )
+            if config.use_dora:
+                rows = (proj.weight.t() if transposed else proj.weight)[start:stop]
+                module: nn.Module = DoRAVeRA(*args, weight_rows=rows, transposed=transposed)
+            else:
+                module = VeRA(*args)
+            out[key] = module.train(layers[key[0]].training)
+        return out
+
     def compose_site(self, emitter, site, setup, plan):  # type: ignore[override]
+        # a module called several times in the layer (DeBERTa's key projection on the relative embeddings too)
+        # gets the update at every call, as a module wrapper (PEFT, AdapterHub) would give it
+        for node in getattr(site, "calls", (site.node,)):
+            at = dataclasses.replace(site, node=node) if node != site.node else site
+            self._compose_call(emitter, at, setup, plan)
+
+    def _compose_call(self, emitter, site, setup, plan) -> None:
         from ..compose import Stack
 
         if isinstance(setup, Stack) and len(plan.adapters) == 1:
             return super().compose_site(emitter, site, setup, plan)  # the single-adapter rule below
+        flat = isinstance(setup, Stack) and all(isinstance(c, str) for c in setup.children)
+        modules = [emitter.root.get_submodule(ref.target) for ref in plan.adapters]
+        input_scaled = any(getattr(m, "scales_input", False) for m in modules)
+        if flat and input_scaled and all(ref.config.composition_mode == "scale" for ref in plan.adapters):
+            return super().compose_site(emitter, site, setup, plan)  # scales commute: one after the other
         return compose_lora_site(emitter, site, setup, plan)
 
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
@@ -456,8 +701,19 @@ class LoRAMethod(Method):
             if config.composition_mode == "scale":
                 e.notes.append(f"{e.name}: not lowered: {why_not_fused(e.root.get_submodule(target))}")
         call = _graph_node(e, site.node)
+        module = e.root.get_submodule(target)
+        if getattr(module, "scales_input", False):  # PEFT's feed-forward (IA)^3: W (x ⊙ l) + b
+            return rewrite_input_scale(e, site, target, call)
         # the projection output, or what an earlier adapter at this projection made of it
         current = e.node(site.node)
+        if getattr(module, "rewrites_output", False):  # DoRA: the new output from input, output, W and b
+            proj = e.root.get_submodule(site.module)
+            with e.after(site.node):
+                weight = e.attr(f"{site.module}.weight")
+                bias = e.attr(f"{site.module}.bias") if getattr(proj, "bias", None) is not None else None
+                y = e.call(target, (_call_input(call), current, weight, bias))
+            e.replace_node(site.node, y)
+            return
         with e.after(site.node):
             if config.composition_mode == "scale":
                 y = e.mul(current, e.call(target, ()))
@@ -468,9 +724,14 @@ class LoRAMethod(Method):
     @torch.no_grad()
     def merge(self, config, module, site, layer, sign):  # type: ignore[override]
         proj = layer.get_submodule(site.module)
+        if hasattr(module, "merge_into"):  # DoRA, input-scaled (IA)^3: the module knows its own algebra
+            module.merge_into(proj, sign)
+            return
         _, _, transposed = projection_features(proj)
         weight, bias = proj.weight, getattr(proj, "bias", None)
-        rows = slice(module.start, module.stop)
+        rows = module.feature_index(weight.device)
+        if not isinstance(rows, slice):
+            return _merge_rows(config, module, weight, bias, rows, transposed, sign)
         w = weight[:, rows] if transposed else weight[rows]  # a view: updated in place
         if config.composition_mode == "scale":
             v = module.scale_vector().float()
@@ -486,7 +747,49 @@ class LoRAMethod(Method):
             w.copy_((w.float() + sign * delta).to(w.dtype))
 
 
+def _merge_rows(config, module, weight, bias, rows, transposed, sign) -> None:
+    """:meth:`LoRAMethod.merge` for features interleaved in a fused projection (an index, not a view)."""
+    dim = 1 if transposed else 0
+    w = weight.index_select(dim, rows).float()
+    if config.composition_mode == "scale":
+        v = module.scale_vector().float()
+        factor = v.view(1, -1) if transposed else v.view(-1, 1)
+        new = w * factor if sign > 0 else w / factor
+        if bias is not None:
+            b = bias.index_select(0, rows).float()
+            bias.index_copy_(0, rows, (b * v if sign > 0 else b / v).to(bias.dtype))
+    else:
+        delta = module.delta_weight()
+        new = w + sign * (delta.t() if transposed else delta)
+    weight.index_copy_(dim, rows, new.to(weight.dtype))
+
+
 register_preset("lora", lambda: LoRAConfig())
+
+
+def _feeds_forward(config: LoRAConfig, site: Any) -> bool:
+    """Whether (IA)^3 scales this projection's input (``IA3Config.feedforward_modules``: site kinds or module
+    names, PEFT's ``feedforward_modules``)."""
+    names = getattr(config, "feedforward_modules", ())
+    return any(
+        n == site.kind or site.module == n.strip(".") or site.module.endswith("." + n.strip("."))
+        for n in names
+    )
+
+
+def rewrite_input_scale(e: Any, site: Any, target: str, call: fx.Node) -> None:
+    """Scale the projection's input: ``proj(x)`` becomes ``proj(x * l)`` (a Stack of several multiplies)."""
+    x = _call_input(call)
+    with e.graph.inserting_before(call):  # the call itself, even if an earlier rewrite aliased its output
+        vector = e.graph.call_module(target, ())
+        vector.name = e.graph._graph_namespace.create_name(e.name, vector)
+        scaled = e.graph.call_function(operator.mul, (x, vector))
+    e.inserted += [vector, scaled]
+    if call.args:
+        call.args = (scaled, *call.args[1:])
+    else:
+        key = next(iter(call.kwargs))
+        call.kwargs = {**call.kwargs, key: scaled}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,10 +825,14 @@ class _LoRAComposer(Composer[_LoRAState]):
         else:
             if state.hidden is not None:
                 lora = self.e.root.get_submodule(ref.target)
-                if lora.lora_A.shape[1] != lora.lora_B.shape[0]:
+                n_in = (
+                    getattr(lora, "in_features", None) or lora.lora_A.shape[1]
+                )  # VeRA, MTL-LoRA: attributes
+                n_out = getattr(lora, "out_features", None) or lora.lora_B.shape[0]
+                if n_in != n_out:
                     raise CompositionError(
-                        f"Stack of LoRA adapters at {self.site.kind!r} ({lora.lora_A.shape[1]} -> "
-                        f"{lora.lora_B.shape[0]} features): a stacked LoRA reads the previous one's update, which "
+                        f"Stack of LoRA adapters at {self.site.kind!r} ({n_in} -> "
+                        f"{n_out} features): a stacked LoRA reads the previous one's update, which "
                         "needs a square projection (attn.q/k/v/o); stack them at square projections only"
                     )
             source = state.input if state.hidden is None else state.hidden
@@ -580,7 +887,21 @@ def compose_lora_site(emitter: Any, site: Any, setup: Any, plan: Any) -> None:
     from ..compose import compose
 
     refs = {ref.name: ref for ref in plan.adapters}
-    if site.out_slice is not None and len(refs) > 1:
+    for ref in refs.values():
+        module = emitter.root.get_submodule(ref.target)
+        feature = (
+            "DoRA (use_dora=True)"
+            if getattr(module, "rewrites_output", False)
+            else "feed-forward (IA)^3 (input scaling)"
+            if getattr(module, "scales_input", False)
+            else None
+        )
+        if feature is not None:
+            raise CompositionError(
+                f"adapter {ref.name!r} ({ref.config.method}, {feature}) at {site.kind!r} runs only alone or in a "
+                f"Stack of adapter names, not in {setup!r} with {sorted(set(refs) - {ref.name}) or 'others'}"
+            )
+    if getattr(site, "out_ranges", None) is not None and len(refs) > 1:
         raise CompositionError(
             f"composing several LoRA adapters at the sliced site {site.kind!r} of a fused projection is not "
             "supported; adapt the whole projection (attn.qkv) instead"

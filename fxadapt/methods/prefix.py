@@ -43,6 +43,13 @@ class PrefixTuningConfig(AdapterConfig):
         encoder_prefix: prefixes on the encoder's self-attention (encoder-decoder models).
         cross_prefix: prefixes on the cross-attention (encoder-decoder models).
         leave_out: layer indices (over all layer lists) without prefixes.
+        shift_positions: the real tokens' positions start after the prefix (``prefix_length``), as in PEFT, whose
+            prefixes are a pre-filled KV cache: ``position_ids`` are offset by a model pre-hook (the model must take
+            ``position_ids``). Default False (AdapterHub: positions unchanged).
+        use_gating: AdapterHub's gated prefixes (UniPELT): per attention call, the prefix keys and values times
+            ``g = mean over positions of sigmoid(gate(h))``, ``h`` the attention's input (the input of its first
+            projection), ``gate: Linear(hidden, 1)`` (``2``: separate key and value gates, ``shared_gating=False``).
+        shared_gating: one gate for keys and values.
     """
 
     method = "prefix_tuning"
@@ -55,6 +62,9 @@ class PrefixTuningConfig(AdapterConfig):
     encoder_prefix: bool = True
     cross_prefix: bool = True
     leave_out: tuple[int, ...] = ()
+    shift_positions: bool = False
+    use_gating: bool = False
+    shared_gating: bool = True
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -68,7 +78,14 @@ class PrefixTuningConfig(AdapterConfig):
                 fail(field, "an int > 0")
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in activation_names():
             fail("non_linearity", f"one of {activation_names()}")
-        for field in ("flat", "encoder_prefix", "cross_prefix"):
+        for field in (
+            "flat",
+            "encoder_prefix",
+            "cross_prefix",
+            "shift_positions",
+            "use_gating",
+            "shared_gating",
+        ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "True or False")
         if (
@@ -138,9 +155,10 @@ class PrefixPool(nn.Module):
 class PrefixSite(nn.Module):
     """One layer's view of a shared :class:`PrefixPool` (registered in the first layer of the group only)."""
 
-    def __init__(self, pool: PrefixPool, index: int, owner: bool):
+    def __init__(self, pool: PrefixPool, index: int, owner: bool, gate: nn.Linear | None = None):
         super().__init__()
         self.index = index
+        self.gate = gate
         if owner:
             self.pool = pool
         else:
@@ -155,10 +173,16 @@ class PrefixSite(nn.Module):
         else:
             self.__dict__["_pool_ref"] = pool
 
-    def forward(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, keys: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.get_pool().layer(self.index)
         shape = (keys.shape[0], *k.shape)
-        return k.to(keys.dtype).unsqueeze(0).expand(shape), v.to(keys.dtype).unsqueeze(0).expand(shape)
+        k, v = k.to(keys.dtype).unsqueeze(0).expand(shape), v.to(keys.dtype).unsqueeze(0).expand(shape)
+        if self.gate is not None:  # AdapterHub's prefix gates: [batch, 1 or 2] from the attention input
+            g = torch.sigmoid(self.gate(hidden)).mean(dim=1).to(keys.dtype)
+            k, v = k * g[:, 0].view(-1, 1, 1, 1), v * g[:, -1].view(-1, 1, 1, 1)
+        return k, v
 
 
 def extend_mask(
@@ -183,6 +207,40 @@ def extend_mask(
     if mask.dtype == torch.bool:
         return F.pad(mask, (prefix, 0), value=True)
     return F.pad(mask, (prefix, 0), value=0.0)
+
+
+def _shift_positions(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Model pre-hook of ``shift_positions=True`` prefixes: ``position_ids`` count the active prefixes first."""
+    from ..model import get_state
+
+    state = get_state(model)
+    if state is None or state.active is None:
+        return None
+    shift = sum(
+        r.config.prefix_length
+        for n in state.active.names()
+        if (r := state.adapters.get(n)) is not None
+        and isinstance(r.config, PrefixTuningConfig)
+        and r.config.shift_positions
+        and not r.merged
+    )
+    if not shift:
+        return None
+    positions = kwargs.get("position_ids")
+    if isinstance(positions, torch.Tensor):
+        kwargs["position_ids"] = positions + shift
+        return args, kwargs
+    tokens = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    start = shift + past
+    kwargs["position_ids"] = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(
+        tokens.shape[0], -1
+    )
+    return args, kwargs
 
 
 def pad_keys(bias: torch.Tensor | None, prefix: int) -> torch.Tensor | None:
@@ -217,21 +275,63 @@ class PrefixTuningMethod(Method):
                 len(indices), first.kv_heads, first.head_dim, first.q_heads * first.head_dim, config
             )
             for position, index in enumerate(indices):
-                out[(index, kind)] = PrefixSite(pool, position, owner=position == 0)
+                gate = None
+                if config.use_gating:
+                    width = _attention_input_width(layers[index], sites[(index, kind)].scope)
+                    gate = nn.Linear(width, 1 if config.shared_gating else 2)
+                    nn.init.normal_(
+                        gate.weight, mean=0.0, std=0.02
+                    )  # AdapterHub; the bias keeps torch's init
+                out[(index, kind)] = PrefixSite(pool, position, owner=position == 0, gate=gate)
         return out
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        if not config.shift_positions:
+            return {}
+        import inspect
+
+        try:
+            takes = "position_ids" in inspect.signature(context.model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            takes = False
+        if not takes:
+            raise ConfigError(
+                f"PrefixTuningConfig(shift_positions=True) offsets position_ids, which "
+                f"{type(context.model).__name__}.forward does not take"
+            )
+        return {
+            "shift_positions": lambda model: model.register_forward_pre_hook(
+                _shift_positions, with_kwargs=True
+            )
+        }
+
+    def eject(self, config, modules):  # type: ignore[override]
+        if config.flat:
+            return config
+        ejected: dict[int, PrefixPool] = {}
+        for module in modules.values():
+            if isinstance(module, PrefixSite):
+                pool = module.get_pool()
+                if id(pool) not in ejected:
+                    ejected[id(pool)] = pool.ejected()
+                module.set_pool(ejected[id(pool)])
+        return config.replace(flat=True)
 
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
         e = emitter
         call = e.node(site.node)
         args = list(call.args)
-        f = site.first  # HF attention functions: (module, query, key, value, mask, ...); SDPA: (query, key, ...)
+        f = (
+            site.first
+        )  # HF attention functions: (module, query, key, value, mask, ...); SDPA: (query, key, ...)
         query, keys, values = args[f], args[f + 1], args[f + 2]
         module = args[0] if f else None  # SDPA calls say is_causal themselves
         mask_key = "attention_mask" if f else "attn_mask"
         mask_in_kwargs = len(args) <= f + 3
         mask = call.kwargs.get(mask_key) if mask_in_kwargs else args[f + 3]
         with e.before(site.node):
-            pair = e.call(target, (keys,))
+            gated = config.use_gating
+            pair = e.call(target, (keys, _attention_input(e, site)) if gated else (keys,))
             pk, pv = e.getitem(pair, 0), e.getitem(pair, 1)
             new_k = e.function(torch.cat, ([pk, keys],), {"dim": 2})
             new_v = e.function(torch.cat, ([pv, values],), {"dim": 2})
@@ -239,7 +339,9 @@ class PrefixTuningMethod(Method):
                 extend_mask, (mask, config.prefix_length, query, keys, module, call.kwargs.get("is_causal"))
             )
             bias = call.kwargs.get("position_bias")
-            new_bias = e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
+            new_bias = (
+                e.function(pad_keys, (bias, config.prefix_length)) if isinstance(bias, fx.Node) else None
+            )
         args[f + 1], args[f + 2] = new_k, new_v
         kwargs = dict(call.kwargs)
         if new_bias is not None:
@@ -251,6 +353,46 @@ class PrefixTuningMethod(Method):
         if not f:
             kwargs["is_causal"] = False  # an explicit mask now says what is causal
         call.args, call.kwargs = tuple(args), kwargs
+
+
+def _attention_projections(scope_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .lora import projection_features
+
+    out = []
+    for name, m in scope_module.named_modules():
+        try:
+            projection_features(m)
+        except ConfigError:
+            continue
+        out.append((name, m))
+    return out
+
+
+def _attention_input_width(layer: nn.Module, scope: str) -> int:
+    """Width of an attention module's input: the input features of its first projection."""
+    from .lora import projection_features
+
+    projections = _attention_projections(layer.get_submodule(scope) if scope else layer)
+    if not projections:
+        raise ConfigError(
+            f"PrefixTuningConfig(use_gating=True): the attention module {scope!r} has no projection whose input "
+            "the gate could read"
+        )
+    return projection_features(projections[0][1])[0]
+
+
+def _attention_input(e: Any, site: Any) -> fx.Node:
+    """The graph value an attention module received: the input of the first projection call in its scope."""
+    prefix = f"{site.scope}." if site.scope else ""
+    for node in e.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(prefix):
+            try:
+                module = e.root.get_submodule(str(node.target))
+            except AttributeError:
+                continue
+            if any(m is module for _, m in _attention_projections(e.root.get_submodule(site.scope))):
+                return node.args[0] if node.args else next(iter(node.kwargs.values()))
+    raise ConfigError(f"prefix gates: no projection call of the attention module {site.scope!r} in the graph")
 
 
 register_preset("prefix_tuning", lambda: PrefixTuningConfig())

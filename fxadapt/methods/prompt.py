@@ -7,8 +7,10 @@ positions, masks and caches from the prompted sequence; otherwise (ViT) it is in
 2-D ``attention_mask``, ``token_type_ids`` and ``labels`` (with -100) are extended to match. With a KV cache (``generate``), the prompt is inserted only while the cache
 is empty; the mask keeps its extra columns on every step. As in AdapterHub, outputs include the prompt positions.
 
-Prompt tuning acts on the model's input, outside the layers' generated code: two hooks (model and embedding
-module) apply it while the adapter is in the active setup.
+Prompt tuning acts on the model's input, outside the layers' generated code: the soft prompt is a *model part*
+(:meth:`PromptTuningMethod.build_model_parts`, kept as ``embed`` in the first layer's container) and two hooks
+(:meth:`PromptTuningMethod.model_hooks`: on the model and on the ``embed`` module) apply the active adapters'
+prompts.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SiteNotFoundError
+from ..errors import ConfigError
 from .base import AdapterConfig, Method, register_method, register_preset
 
 __all__ = ["PromptTuningConfig"]
 
 _COMBINES = ("prefix", "prefix_after_bos")
+_PLACEMENTS = ("input", "embeddings_output")
 _INSERT: ContextVar[bool] = ContextVar("fxadapt_prompt_insert", default=True)
 
 
@@ -40,6 +43,10 @@ class PromptTuningConfig(AdapterConfig):
         prompt_init_ids: token ids for ``"from_string"`` (tokenize your text with the model's tokenizer).
         random_uniform_scale: the scale of the uniform init.
         combine: ``"prefix"`` or ``"prefix_after_bos"``.
+        placement: ``"input"`` (default: in front of the word embeddings where the model takes ``inputs_embeds``,
+            so the prompt gets positions, as PEFT does) or ``"embeddings_output"`` (AdapterHub's: into the output of
+            the ``embed`` site, e.g. after BERT's position embeddings and LayerNorm; positions and token types are
+            the real tokens' own). AdapterHub checkpoints load with the latter.
     """
 
     method = "prompt_tuning"
@@ -49,6 +56,7 @@ class PromptTuningConfig(AdapterConfig):
     prompt_init_ids: tuple[int, ...] = ()
     random_uniform_scale: float = 0.5
     combine: str = "prefix"
+    placement: str = "input"
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -71,12 +79,15 @@ class PromptTuningConfig(AdapterConfig):
             fail("combine", f"one of {list(_COMBINES)}")
         if not isinstance(self.random_uniform_scale, (int, float)) or self.random_uniform_scale <= 0:
             fail("random_uniform_scale", "a number > 0")
+        if self.placement not in _PLACEMENTS:
+            fail("placement", f"one of {list(_PLACEMENTS)}")
 
 
 class SoftPrompt(nn.Module):
     def __init__(self, config: PromptTuningConfig, hidden_size: int, embedding: nn.Module | None):
         super().__init__()
         self.combine = config.combine
+        self.placement = config.placement
         self.prompt = nn.Parameter(torch.empty(config.prompt_length, hidden_size))
         with torch.no_grad():
             if config.prompt_init == "from_string" and isinstance(embedding, nn.Embedding):
@@ -95,18 +106,9 @@ class SoftPrompt(nn.Module):
 
 
 def _active_prompts(model: nn.Module) -> list[SoftPrompt]:
-    from ..model import CONTAINER, get_state, layers_of
+    from ..parts import active_parts
 
-    state = get_state(model)
-    if state is None or state.active is None:
-        return []
-    first = layers_of(model)[1][0]
-    container = first._modules.get(CONTAINER)
-    out = []
-    for name in state.active.names():
-        if container is not None and name in container and "embed" in container[name]:
-            out.append(container[name]["embed"])
-    return out
+    return [module for _, module in active_parts(model, "embed")]
 
 
 def _extend(t: torch.Tensor, extra: int, value: int, combine: str) -> torch.Tensor:
@@ -124,12 +126,22 @@ def _model_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     insert = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
     n = sum(p.prompt.shape[0] for p in prompts)
     combine = prompts[0].combine
+    placements = {p.placement for p in prompts}
+    if len(placements) > 1:
+        raise ConfigError(
+            f"the active prompt-tuning adapters mix placements {sorted(placements)}; activate prompts of one placement"
+        )
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs["attention_mask"] = _extend(mask, n, 1, combine)
     labels = kwargs.get("labels")
     if insert and isinstance(labels, torch.Tensor) and labels.dim() == 2:
         kwargs["labels"] = _extend(labels, n, -100, combine)
+    if placements == {
+        "embeddings_output"
+    }:  # AdapterHub's: the embed hook inserts it; positions stay the tokens'
+        model.__dict__["_fxadapt_prompt_token"] = _INSERT.set(insert)
+        return args, kwargs
     types = kwargs.get("token_type_ids")
     if insert and isinstance(types, torch.Tensor) and types.dim() == 2:
         kwargs["token_type_ids"] = _extend(types, n, 0, combine)
@@ -176,84 +188,86 @@ def _embed_hook(root: nn.Module, module: nn.Module, args: tuple, output: Any) ->
     return output
 
 
-def install_prompt_hooks(model: nn.Module, embed: nn.Module) -> None:
-    if "_fxadapt_prompt_hooks" in model.__dict__:
-        return
-    import functools
-    import inspect
-
-    get_emb = getattr(model, "get_input_embeddings", None)
-    word_embeddings = get_emb() if callable(get_emb) else None
-    try:
-        takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        takes_embeds = False
-    if isinstance(word_embeddings, nn.Module) and takes_embeds:
-        # the prompt goes in front of the word embeddings (Lester et al.); the model then derives positions,
-        # masks and caches from the prompted sequence
-        model.__dict__["_fxadapt_prompt_embed"] = word_embeddings
-    handles = (
-        model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
-        model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True),
-        embed.register_forward_hook(functools.partial(_embed_hook, model)),
-    )
-    model.__dict__["_fxadapt_prompt_hooks"] = handles
+def _pad_mask(mask: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """A layer's 4-D attention mask built for ``length - n`` tokens, for ``length`` (the prompt in front): key
+    columns and query rows that attend everything (``True`` / additive ``0``), as AdapterHub pads the mask of its
+    SDPA attention (``prefix_attention_mask(mask, [2, 3])``: the prompt's queries see padding keys too)."""
+    short = length - n
+    attend = True if mask.dtype == torch.bool else 0.0
+    if mask.shape[-1] == short:
+        mask = torch.nn.functional.pad(mask, (n, 0), value=attend)
+    if mask.shape[-2] == short and short > 0:
+        mask = torch.nn.functional.pad(mask, (0, 0, n, 0), value=attend)
+    return mask
 
 
-def remove_prompt_hooks(model: nn.Module) -> None:
-    model.__dict__.pop("_fxadapt_prompt_embed", None)
-    for h in model.__dict__.pop("_fxadapt_prompt_hooks", ()):
-        h.remove()
+def _layer_mask_hook(root: nn.Module, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``placement="embeddings_output"``: where the model built the layers' mask for the unprompted length
+    (transformers 4.x BERT builds it from ``input_ids``), extend it to the prompted hidden states (AdapterHub
+    extends the mask in each layer too)."""
+    prompts = [p for p in _active_prompts(root) if p.placement == "embeddings_output"]
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not prompts or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        return None
+    n, length = sum(p.prompt.shape[0] for p in prompts), hidden.shape[1]
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and length - n in value.shape[-2:]:
+            return _pad_mask(value, n, length)
+        return value
+
+    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
 
 
-def find_embed_module(model: nn.Module, first_layer: nn.Module, example_inputs: Any) -> tuple[str, nn.Module]:
-    """The module whose output tensor is the first layer's hidden-state input (found with one forward)."""
-    from ..model import _call, default_example_inputs
+class _PromptHooks:
+    """The model's and the embedding module's hooks, removed together."""
 
-    outputs: list[tuple[str, nn.Module, torch.Tensor]] = []  # the tensors are kept alive: ids are not reused
-    handles = []
-    for name, module in model.named_modules():
-        if module is model or module is first_layer:
-            continue
+    def __init__(self, model: nn.Module, embed: nn.Module, layers: list[nn.Module]):
+        import functools
+        import inspect
 
-        def hook(m, a, out, name=name):
-            if isinstance(out, torch.Tensor):
-                outputs.append((name, m, out))
-
-        handles.append(module.register_forward_hook(hook))
-    seen: list[Any] = []
-    handles.append(
-        first_layer.register_forward_pre_hook(
-            lambda m, a, kw: seen.append(a[0] if a else kw.get("hidden_states")), with_kwargs=True
+        self.model = model
+        get_emb = getattr(model, "get_input_embeddings", None)
+        word_embeddings = get_emb() if callable(get_emb) else None
+        try:
+            takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            takes_embeds = False
+        if isinstance(word_embeddings, nn.Module) and takes_embeds:
+            # the prompt goes in front of the word embeddings (Lester et al.); the model then derives positions,
+            # masks and caches from the prompted sequence
+            model.__dict__["_fxadapt_prompt_embed"] = word_embeddings
+        self.handles = (
+            model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
+            model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True),
+            embed.register_forward_hook(functools.partial(_embed_hook, model)),
+            *(
+                layer.register_forward_pre_hook(functools.partial(_layer_mask_hook, model), with_kwargs=True)
+                for layer in layers
+            ),
         )
-    )
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            was = model.training
-            model.eval()
-            _call(model, example_inputs if example_inputs is not None else default_example_inputs(model))
-            model.train(was)
-    finally:
-        for h in handles:
+
+    def remove(self) -> None:
+        self.model.__dict__.pop("_fxadapt_prompt_embed", None)
+        for h in self.handles:
             h.remove()
-    # the outermost module returning the very tensor the first layer receives (its hook fires last)
-    match = [(name, m) for name, m, out in outputs if seen and out is seen[0]]
-    if not match:
-        raise SiteNotFoundError(
-            f"no 'embed' site in {type(model).__name__}: no module's output is the first layer's input "
-            "(prompt tuning needs an embedding module feeding the layers)"
-        )
-    return match[-1]
 
 
 @register_method
 class PromptTuningMethod(Method):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
-    model_level = True
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
-        return ("embed",)
+        return ()  # no layer site: the prompt is a model part
+
+    def build_model_parts(self, config, context):  # type: ignore[override]
+        context.embed()  # raises SiteNotFoundError where no module feeds the first layer
+        return {(0, "embed"): SoftPrompt(config, context.hidden_size, context.input_embeddings())}
+
+    def model_hooks(self, config, context):  # type: ignore[override]
+        _, embed = context.embed()
+        return {"prompt": lambda model: _PromptHooks(model, embed, context.layers)}
 
 
 register_preset("prompt_tuning", lambda: PromptTuningConfig())
