@@ -42,6 +42,7 @@ from torch import nn
 
 from ..compose import Composer
 from ..errors import CompositionError, ConfigError, SiteNotFoundError, nearest
+from ..lowering import lower_projection, why_not_fused
 from ..sites import MODULE_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -713,6 +714,11 @@ class LoRAMethod(Method):
 
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
         e = emitter
+        if e.lower:  # fused kernels serve this call (CUDA, or the forced interpreter): see fxadapt.lowering
+            if config.composition_mode == "add" and lower_projection(e, site, target):
+                return
+            if config.composition_mode == "scale":
+                e.notes.append(f"{e.name}: not lowered: {why_not_fused(e.root.get_submodule(target))}")
         call = _graph_node(e, site.node)
         module = e.root.get_submodule(target)
         if getattr(module, "scales_input", False):  # PEFT's feed-forward (IA)^3: W (x ⊙ l) + b

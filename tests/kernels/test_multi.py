@@ -31,6 +31,7 @@ def _bn_cases() -> list:
         (1, 200, 8, 2),
         (1151, 64, 8, 1),
         (129, 200, 1, 64),
+        (65, 64, 160, 3),  # rank tier 256
     ]
     cases = []
     for i, (n, d, r, a) in enumerate(shapes):
