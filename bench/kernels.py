@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Bench
+
 import fxadapt.kernels as K
 from fxadapt.kernels import _configs, traffic
 from fxadapt.kernels import reference as R
 from fxadapt.kernels._common import target_of
-from harness import Bench
 
 MODES = ("fwd", "bwd", "fwd+bwd", "no-grad")
 

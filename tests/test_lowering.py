@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
 from tiny_models import main_output, make_inputs, make_model
 
 import fxadapt
+import fxadapt.kernels as K
 from fxadapt.install import layer_state
 from fxadapt.model import layers_of
 

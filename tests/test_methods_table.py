@@ -4,7 +4,6 @@ and unions (each declared block runs, an undeclared one raises CompositionError)
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 from pathlib import Path
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
-from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -20,6 +18,9 @@ from kernel_helpers import (
     cycle,
     kernel_settings,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
 
 SIZES_N, SIZES_D, SIZES_R = (1, 7, 129, 1151), (64, 200, 768), (1, 8, 24, 64)
 

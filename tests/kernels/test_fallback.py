@@ -9,12 +9,9 @@ import subprocess
 import sys
 import textwrap
 
-import fxadapt.kernels as K
 import kernel_helpers
 import pytest
 import torch
-from fxadapt.kernels import reference as R
-from fxadapt.kernels._common import build_schedule
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -28,6 +25,10 @@ from kernel_helpers import (
     lora_args,
     lora_bank_args,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
+from fxadapt.kernels._common import build_schedule
 
 NEEDS_TRITON = False  # these tests choose their own backend (see conftest)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-import fxadapt.kernels as K
 import pytest
 import torch
-from fxadapt.kernels import reference as R
 from kernel_helpers import (
     assert_close,
     bottleneck_args,
@@ -17,6 +15,9 @@ from kernel_helpers import (
     lora_args,
     lora_bank_args,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
 
 pytestmark = [
     pytest.mark.gpu,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
-from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -19,6 +17,9 @@ from kernel_helpers import (
     kernel_settings,
     lora_bank_args,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
 
 
 # ---------------------------------------------------------------------------------------------------------------
