@@ -19,6 +19,7 @@ API
         flops=None,                              # optional: floating-point operations
         setup=None,                              # optional: untimed callable run before every timed call
         baseline="eager",                        # provider that speedups are computed against
+        model={"pct_floor": 84.0},               # optional: the bytes model's prediction for this row
     )
     bench.table()                                # short table: p50, GB/s, % of HBM floor, speedup vs baseline
     bench.plot(x="N")                            # one PNG per sweep if matplotlib is importable
@@ -27,7 +28,8 @@ Timing: ``warmup`` untimed calls (at least ``warmup_s`` seconds), then ``reps`` 
 seconds), each timed alone: ``torch.cuda.Event`` pairs on a GPU (after writing a 256 MiB buffer so every rep starts
 with a cold L2, as the HBM floors assume), ``time.perf_counter`` around a synchronised call on CPU. Reported:
 p20/p50/p80 in milliseconds. GB/s = bytes / p50; "% of HBM floor" = GB/s over the detected GPU's peak bandwidth
-(H100 SXM 3.35 TB/s, H100 PCIe 2.0 TB/s, H200 4.8 TB/s; unknown devices: none). Peak memory: the most memory
+(H100 SXM 3.35 TB/s, H100 PCIe 2.0 TB/s, H200 4.8 TB/s; unknown devices: none); "model%" the bytes model's
+prediction of that number (``fxadapt.kernels.traffic``) where the caller passes one. Peak memory: the most memory
 allocated during the timed calls, above what was allocated before them (CUDA only; None on CPU, where PyTorch has
 no allocator statistics).
 
@@ -136,6 +138,7 @@ class Row:
     pct_flops: float | None
     peak_mem_bytes: int | None
     baseline: str | None
+    model: dict[str, Any] | None
     device: str
     versions: dict[str, str | None]
     git: str
@@ -231,6 +234,7 @@ class Bench:
         setup: Callable[[], Any] | None = None,
         baseline: str | None = None,
         notes: list[str] | None = None,
+        model: dict[str, Any] | None = None,
     ) -> Row:
         """Time ``fn`` and append one row (also to the JSONL file). See the module docstring."""
         start = time.perf_counter()
@@ -275,6 +279,7 @@ class Bench:
             pct_flops=100 * tflops * 1e12 / self.peak_flops if tflops and self.peak_flops else None,
             peak_mem_bytes=peak,
             baseline=baseline,
+            model=model,
             device=self.device_name,
             versions=self.versions,
             git=self.git,
@@ -320,6 +325,7 @@ class Bench:
             "p20-p80",
             "GB/s",
             "%HBM",
+            "model%",
             "TFLOP/s",
             "speedup",
         )
@@ -337,6 +343,9 @@ class Bench:
                     f"{r.p20_ms:.3g}-{r.p80_ms:.3g}",
                     "-" if r.gbps is None else f"{r.gbps:.1f}",
                     "-" if r.pct_hbm is None else f"{r.pct_hbm:.0f}%",
+                    "-"
+                    if not r.model or r.model.get("pct_floor") is None
+                    else f"{r.model['pct_floor']:.0f}%",
                     "-" if r.tflops is None else f"{r.tflops:.2f}",
                     "-" if sp is None else f"{sp:.2f}x",
                 )

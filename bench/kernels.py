@@ -4,30 +4,20 @@ Usage::
 
     python bench/kernels.py                # full sweep (GPU): bf16+fp16, d∈{768,4096,8192}, r∈{8,16,64,256},
                                            # N∈{1,16,8192}; multi-adapter with 1/8/64 adapters, uniform and zipf
+    python bench/kernels.py --gpu-check    # what bench/gpu_check.sh runs: the headline shape first, then
+                                           # r ∈ {8, 64, 128, 256} in bf16, fp16 and fp32, then the multi-adapter ops
     python bench/kernels.py --quick        # a small sweep; on CPU only the reference providers run (and it says so)
+    python bench/kernels.py --ncu-probe    # one fused bottleneck forward+backward at the headline shape, for `ncu`
     options: --only bottleneck,lora,multi  --modes fwd,bwd,fwd+bwd,no-grad  --budget-s SECONDS  --no-plot
 
 Rows go to ``bench/results/kernels.jsonl`` via ``harness.Bench``; a table (speedup vs the eager provider) is
-printed at the end, plus PNG plots over N when matplotlib is installed.
+printed at the end, plus PNG plots over N when matplotlib is installed. A provider that fails (out of memory, a
+compile error) is recorded as skipped with its error and the sweep goes on.
 
-Bytes model — the *floor*: the HBM traffic no implementation can avoid, the same for every provider, so GB/s is an
-effective bandwidth and "% HBM" says how close a provider gets to the physical limit (e = element size):
-
-  bottleneck, rows N, width d, rank r
-    fwd      read x (+ residual), write y: 2·N·d·e; weights 2·r·d·e (+ biases (r+d)·e); save h: 4·N·r
-    no-grad  the same without h
-    bwd      read dy, x, h; write dx: 3·N·d·e + 4·N·r; weights read + their gradients written: 2·(2·r·d + r + d)·e
-    fwd+bwd  fwd + bwd
-    (For comparison, the eager 5-op forward — linear, act, linear, mul, add — moves ≈ 7·N·d·e: each op
-    round-trips an [N, d] tensor; at N=8192, d=4096, r=64 bf16: ≈ 470 MB against a 137 MB floor.)
-
-  LoRA, rows N, d_in → d_out, rank r (frozen base layer)
-    fwd      read x: N·d_in·e, W: d_out·d_in·e, A and B: r·(d_in+d_out)·e; write y: N·d_out·e; save t: 4·N·r
-    bwd      read dy: N·d_out·e, W, A, B, x (for dA), t; write dx: N·d_in·e, dA and dB
-    FLOPs    fwd 2·N·d_in·d_out + 2·N·r·(d_in+d_out); bwd 2·N·d_out·d_in + 4·N·r·(d_in+d_out)
-    (LoRA at large N is compute-bound: its rows report TFLOP/s too.)
-
-  multi-adapter: as the single-adapter op, with every adapter of the bank's weights counted once.
+Bytes: ``fxadapt.kernels.traffic`` (the one bytes model; ``docs/kernels.md`` explains it). Every row's GB/s is
+the op's HBM *floor* (what no implementation can avoid: inputs read once, outputs written once) over its time, the
+same bytes for every provider, so "%HBM" says how close a provider gets to the physical limit; fused bottleneck
+rows also carry the model's prediction for the fused kernels ("model%": predicted % of the floor on this GPU).
 """
 
 from __future__ import annotations
@@ -42,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxadapt.kernels as K
-from fxadapt.kernels import reference as R
 from harness import Bench
+
+import fxadapt.kernels as K
+from fxadapt.kernels import _configs, traffic
+from fxadapt.kernels import reference as R
+from fxadapt.kernels._common import target_of
 
 MODES = ("fwd", "bwd", "fwd+bwd", "no-grad")
 
@@ -131,24 +124,45 @@ def run_modes(bench: Bench, f: Callable[[], torch.Tensor], leaves: list[torch.Te
 
 
 def _bytes_bottleneck(n, d, r, e, mode, adapters=1):
-    w = adapters * (2 * r * d + r + d) * e
-    fwd = 2 * n * d * e + w
-    bwd = 3 * n * d * e + 4 * n * r + 2 * w
-    return {"fwd": fwd + 4 * n * r, "no-grad": fwd, "bwd": bwd, "fwd+bwd": fwd + 4 * n * r + bwd}[mode]
+    return traffic.bottleneck_floor(n, d, r, e, mode, adapters=adapters)
 
 
 def _lora_cost(n, d_in, d_out, r, e, mode, adapters=1):
-    w = d_out * d_in * e
-    ab = adapters * r * (d_in + d_out) * e
-    fwd_b = n * d_in * e + w + ab + n * d_out * e
-    bwd_b = n * d_out * e + w + 2 * ab + n * d_in * e + 4 * n * r + n * d_in * e
-    fwd_f = 2 * n * d_in * d_out + 2 * n * r * (d_in + d_out)
-    bwd_f = 2 * n * d_out * d_in + 4 * n * r * (d_in + d_out)
-    nbytes = {"fwd": fwd_b + 4 * n * r, "no-grad": fwd_b, "bwd": bwd_b, "fwd+bwd": fwd_b + 4 * n * r + bwd_b}[
-        mode
-    ]
-    flops = {"fwd": fwd_f, "no-grad": fwd_f, "bwd": bwd_f, "fwd+bwd": fwd_f + bwd_f}[mode]
-    return nbytes, flops
+    return traffic.lora_cost(n, d_in, d_out, r, e, mode, adapters)
+
+
+def _model_device(device_name: str) -> traffic.Device | None:
+    for key in ("H200", "H100", "A100"):
+        if key in device_name:
+            return traffic.DEVICES[key]
+    return None
+
+
+def bottleneck_prediction(x: torch.Tensor, n: int, d: int, r: int, mode: str) -> dict | None:
+    """The bytes model's prediction for the fused bottleneck with the tiles the launchers pick on this GPU."""
+    if mode == "no-grad" or x.device.type != "cuda":
+        return None
+    dev = _model_device(torch.cuda.get_device_name(x.device))
+    if dev is None:
+        return None
+    tgt, e = target_of(x), x.element_size()
+    cfg = _configs.row_config(tgt, n, d, r, e)
+    programs = _configs.row_programs(tgt, cfg, -(-n // cfg["BM"]), d, e)
+    col = _configs.col_config(tgt, n, d, r, e, 1, 1)
+    fwd = traffic.bottleneck_fwd(n, d, r, e, dev, bm=cfg["BM"], programs=programs)
+    bwd = traffic.bottleneck_bwd(
+        n, d, r, e, dev, bm=cfg["BM"], programs=programs, bd=col["BD"], split=col["SPLIT"]
+    )
+    t = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {
+        "pct_floor": t.pct_of_floor(traffic.bottleneck_floor(n, d, r, e, mode), dev),
+        "hbm_bytes": t.hbm,
+        "l2_bytes": t.l2,
+        "bound": t.bound(dev),
+        "BM": cfg["BM"],
+        "programs": programs,
+        "l2_bw_assumed": dev.l2_bw,
+    }
 
 
 class Runner:
@@ -168,11 +182,23 @@ class Runner:
         t = (torch.randn(shape, generator=self.gen) * std).to(self.device, dtype)
         return t.requires_grad_(grad)
 
-    def _each_mode(self, what, provider, f, leaves, shape, dtype, cost, baseline="eager"):
+    def _each_mode(self, what, provider, f, leaves, shape, dtype, cost, baseline="eager", model=None):
         for mode in self.modes:
             nbytes, flops = cost(mode)
-            run_modes(self.bench, f, leaves, (mode,), what=what, provider=provider, shape=shape, dtype=dtype,
-                      nbytes=nbytes, flops=flops, baseline=baseline)  # fmt: skip
+            try:
+                run_modes(self.bench, f, leaves, (mode,), what=what, provider=provider, shape=shape, dtype=dtype,
+                          nbytes=nbytes, flops=flops, baseline=baseline,
+                          model=None if model is None else model(mode))  # fmt: skip
+            except Exception as exc:  # a failing provider is a result, not the end of the sweep
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                    torch.cuda.empty_cache()
+                self.bench.skip(what=what, provider=provider, mode=mode, shape=shape, dtype=dtype,
+                                reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")  # fmt: skip
+                print(
+                    f"  FAILED {what}/{provider}/{mode} {shape}: {type(exc).__name__}: {exc}"[:400],
+                    flush=True,
+                )
 
     def bottleneck(self, n, d, r, dtype):
         torch._dynamo.reset()  # a fresh compile cache per shape (the recompile limit would silently fall back)
@@ -192,8 +218,9 @@ class Runner:
         if self.fused:
             providers["fused"] = lambda: K.bottleneck(x, wd, bd, wu, bu, s, act)
         for name, f in providers.items():
+            model = (lambda mode: bottleneck_prediction(x, n, d, r, mode)) if name == "fused" else None
             self._each_mode("bottleneck", name, f, [x, wd, bd, wu, bu], shape, dtype,
-                            lambda mode: (_bytes_bottleneck(n, d, r, e, mode), None))  # fmt: skip
+                            lambda mode: (_bytes_bottleneck(n, d, r, e, mode), None), model=model)  # fmt: skip
 
     def lora(self, n, d, r, dtype):
         torch._dynamo.reset()
@@ -266,10 +293,21 @@ class Runner:
                             lambda mode: _lora_cost(n, d, d, r, e, mode, adapters), baseline="loop")  # fmt: skip
 
 
-def jobs(quick: bool, on_gpu: bool) -> list[tuple]:
+def jobs(quick: bool, on_gpu: bool, gpu_check: bool = False) -> list[tuple]:
     """The sweep as an ordered job list, most important first (a --budget-s cut drops the tail):
     ("single", N, d, r, dtype) runs bottleneck and LoRA; ("multi", N, d, r, A, routing, dtype) both multi ops."""
     bf16, fp16 = torch.bfloat16, torch.float16
+    if (
+        gpu_check
+    ):  # bench/gpu_check.sh: the headline shape, then every rank tier the check covers, every dtype
+        out = [("single", 8192, 4096, 64, bf16)]
+        out += [
+            ("single", 8192, 4096, r, dt) for dt in (bf16, fp16, torch.float32) for r in (8, 64, 128, 256)
+        ]
+        out += [("multi", 8192, 4096, 16, a, "zipf", bf16) for a in (8, 64)]
+        out += [("single", n, 4096, 16, bf16) for n in (16, 1)]
+        seen: set = set()
+        return [j for j in out if not (j in seen or seen.add(j))]
     if quick and not on_gpu:
         single = [("single", n, 768, r, bf16) for r in (8, 64) for n in (1, 16, 1024)]
         multi = [
@@ -296,12 +334,21 @@ def jobs(quick: bool, on_gpu: bool) -> list[tuple]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="small sweep (on CPU: reference providers only)")
+    ap.add_argument(
+        "--gpu-check", action="store_true", help="bench/gpu_check.sh's job list (see the docstring)"
+    )
+    ap.add_argument(
+        "--ncu-probe", action="store_true", help="one fused fwd+bwd at the headline shape, for ncu"
+    )
     ap.add_argument("--only", default="bottleneck,lora,multi", help="comma-separated: bottleneck,lora,multi")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument(
         "--budget-s", type=float, default=float("inf"), help="stop starting new shapes after this"
     )
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--plot-summary", nargs=2, metavar=("JSONL", "PNG"), help="one summary figure of a run's rows"
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -314,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     only = set(args.only.split(","))
+    if args.ncu_probe:
+        return ncu_probe()
+    if args.plot_summary:
+        return plot_summary(Path(args.plot_summary[0]), Path(args.plot_summary[1]))
 
     bench = Bench("kernels")
     on_gpu = bench.device.type == "cuda"
@@ -332,11 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         1024 if not on_gpu else 8192
     )  # torch.compile per shape is slow; keep it to the large-N rows
     runner = Runner(bench, modes, args.budget_s, fused, compiled_min_n)
-    todo = jobs(args.quick, on_gpu)
+    todo = jobs(args.quick, on_gpu, args.gpu_check)
     print(f"kernels bench on {bench.device_name}: {len(todo)} jobs, modes {modes}", flush=True)
     for job in todo:
         if runner.out_of_time():
             break
+        if args.gpu_check and job is not todo[0]:
+            runner.compiled_min_n = 1 << 60  # torch.compile costs ~30 s per shape: the headline job only
         if job[0] == "single":
             _, n, d, r, dtype = job
             if "bottleneck" in only:
@@ -350,6 +403,73 @@ def main(argv: list[str] | None = None) -> int:
         for path in bench.plot(x="N"):
             print(f"plot: {path}")
     print(f"rows appended to {bench.path}")
+    return 0
+
+
+def plot_summary(jsonl: Path, png: Path) -> int:
+    """% of the HBM floor by rank for every (op, mode, dtype), one line per provider: the gpu_check figure."""
+    import json
+
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot: matplotlib is not installed; no summary figure", flush=True)
+        return 1
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = [
+        r
+        for r in rows
+        if r.get("pct_hbm") is not None and r["shape"].get("N") == 8192 and "A" not in r["shape"]
+    ]
+    panels = sorted({(r["what"], r["mode"]) for r in rows})
+    if not panels:
+        print("plot: no GPU rows with % of the HBM floor", flush=True)
+        return 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (what, mode) in zip(axes[0], panels):
+        sub = [r for r in rows if r["what"] == what and r["mode"] == mode]
+        for prov, dt in sorted({(r["provider"], r["dtype"]) for r in sub}):
+            pts = sorted(
+                (r["shape"]["r"], r["pct_hbm"]) for r in sub if r["provider"] == prov and r["dtype"] == dt
+            )
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"{prov} {dt}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r (N=8192, d=4096)")
+        ax.set_ylabel("% of HBM floor")
+        ax.set_title(f"{what} {mode}", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(rows[0]["device"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}", flush=True)
+    return 0
+
+
+def ncu_probe(n: int = 8192, d: int = 4096, r: int = 64) -> int:
+    """Three fused bottleneck forward+backward calls at the headline shape (bf16), then the model's predicted HBM
+    bytes per launch — run under ``ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum`` to compare."""
+    if not torch.cuda.is_available():
+        print("ncu probe: no CUDA GPU", flush=True)
+        return 2
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    wd = (torch.randn(r, d, generator=g) * d**-0.5).to(dev, torch.bfloat16).requires_grad_()
+    wu = (torch.randn(d, r, generator=g) * d**-0.5).to(dev, torch.bfloat16).requires_grad_()
+    bd, bu = (
+        torch.zeros(r, device=dev, dtype=torch.bfloat16),
+        torch.zeros(d, device=dev, dtype=torch.bfloat16),
+    )
+    for _ in range(3):
+        y = K.bottleneck(x, wd, bd, wu, bu, 0.5, "relu")
+        y.backward(torch.ones_like(y))
+    torch.cuda.synchronize()
+    for mode in ("fwd", "bwd"):
+        pred = bottleneck_prediction(x, n, d, r, mode)
+        print(f"ncu probe: model {mode}: {pred}", flush=True)
     return 0
 
 

@@ -41,9 +41,9 @@ if (_here := str(Path(__file__).resolve().parent)) in sys.path:
 
 import torch
 import transformers as tf
-from fxadapt.kernels import backend as kernel_backend
 
 import fxadapt
+from fxadapt.kernels import backend as kernel_backend
 from fxadapt.methods.lora import LoRA
 from fxadapt.model import get_state, layers_of
 
@@ -182,7 +182,6 @@ def op_rows(bench: Bench, tokens: int, d: int, r: int, n: int, dtype) -> None:
     """One projection alone: the lowered op vs the grouped reference vs the per-adapter loop reference."""
     from fxadapt.kernels import lora_multi
     from fxadapt.kernels.reference import lora_multi_ref
-
     from fxadapt.methods.lora_rows import per_row_lora
 
     device = bench.device

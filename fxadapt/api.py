@@ -543,8 +543,16 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path in state.layer_paths:
         container = model.get_submodule(path)._modules.get(CONTAINER)
         if container is not None and name in container:
-            for key, t in container[name].state_dict(keep_vars=True).items():
+            # parameters as the module holds them (not state_dict(): FSDP2's hooks turn those into shards) and
+            # persistent buffers
+            adapter = container[name]
+            for key, t in adapter.named_parameters(remove_duplicate=False):
                 out[f"{path}.{CONTAINER}.{name}.{key}"] = t
+            for mod_name, module in adapter.named_modules(remove_duplicate=False):
+                for buf_name, t in module._buffers.items():
+                    if t is not None and buf_name not in module._non_persistent_buffers_set:
+                        key = f"{mod_name}.{buf_name}" if mod_name else buf_name
+                        out[f"{path}.{CONTAINER}.{name}.{key}"] = t
     return out
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from .capture import Capture, compile_graph
 from .compose import Block, replicate_batch
 from .errors import CompositionError, SiteNotFoundError, nearest
+from .lowering import capture_allows
 from .methods.base import AdapterConfig, method_for
 from .sites import MODULE_SITE_KINDS, ResidualSite, SiteReport
 
@@ -92,7 +93,10 @@ class Emitter:
         self.aliases = aliases if aliases is not None else {}
         self._cursor: fx.Node | None = None
         self.inserted: list[fx.Node] = []
-        self.lower = False  # emit fused kernel ops where a rule can (see lowering())
+        self.lower = False  # emit fused kernel ops where a rule can (see fxadapt.lowering)
+        self.dtype: torch.dtype | None = (
+            None  # the captured call's activation dtype (lowering rules check it)
+        )
         self.notes: list[str] = []  # what was lowered or why not, for explain()
 
     def node(self, name: str | None) -> fx.Node | None:
@@ -216,17 +220,7 @@ def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> dict[str, fx.Node]:
 
 def lowering(capture: Capture) -> tuple[bool, str]:
     """Whether adapter nodes of this capture are lowered to fused kernel ops, and why (not)."""
-    from .kernels import backend_mode, can_use_triton
-
-    if capture.device is None or capture.dtype is None:
-        return False, "no tensor inputs"
-    if backend_mode() != "triton" and capture.device.type != "cuda":
-        return (
-            False,
-            f"inputs on {capture.device.type}: the fused kernels serve CUDA tensors (reference math runs)",
-        )
-    probe = torch.empty(0, device=capture.device, dtype=capture.dtype)
-    return can_use_triton(probe)
+    return capture_allows(capture)
 
 
 def _one_rule_per_row(setup: Any, methods: dict[str, Any]) -> bool:
@@ -273,7 +267,7 @@ def build_runner(
             )
         (method,) = methods.values()
         emitter = Emitter(graph, layer, site_plan.adapters[0].node_name(site_plan.site), aliases)
-        emitter.lower = lower
+        emitter.lower, emitter.dtype = lower, capture.dtype
         method.compose_site(emitter, site, plan.setup, site_plan)
         if notes is not None:
             notes.extend(emitter.notes)

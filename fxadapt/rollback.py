@@ -65,7 +65,7 @@ class WeightSnapshot:
 
     def save(self, module: nn.Module) -> None:
         if id(module) not in self._saved:
-            params = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters(recurse=False)}
+            params = {n: _cpu_copy(p) for n, p in module.named_parameters(recurse=False)}
             self._saved[id(module)] = (module, params)
 
     @torch.no_grad()
@@ -73,7 +73,16 @@ class WeightSnapshot:
         for module, params in self._saved.values():
             own = dict(module.named_parameters(recurse=False))
             for name, value in params.items():
-                own[name].copy_(value)
+                try:
+                    own[name].copy_(value)
+                except (RuntimeError, NotImplementedError):  # a quantized tensor subclass: swap the data back
+                    own[name].data = value.to(own[name].device)
+
+
+def _cpu_copy(p: torch.Tensor) -> torch.Tensor:
+    """An independent CPU copy of ``p`` (``.to(copy=True)`` is not supported by quantized tensor subclasses)."""
+    t = p.detach().clone()
+    return t if t.device.type == "cpu" else t.to("cpu")
 
 
 def _reserved_names() -> frozenset[str]:

@@ -5,6 +5,7 @@ Public API (documented in ``docs/kernels.md``):
 * :func:`bottleneck` — ``y = r + s·(act(x·Wdᵀ + bd)·Wuᵀ + bu)``
 * :func:`lora_linear` — ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ``
 * :func:`bottleneck_multi`, :func:`lora_multi` — one adapter per row (or per sequence) from a weight bank
+* :func:`validate_ids` — exact adapter-id range check (for ids made on the host)
 * :func:`can_use_triton` — ``(ok, reason)``: would the Triton kernels serve this call?
 * :func:`backend` / :func:`force_triton` — choose the backend (also env ``FXADAPT_KERNELS``)
 * :mod:`reference` — the plain-PyTorch math of every op
@@ -23,7 +24,16 @@ if __name__ != "fxadapt.kernels":  # pragma: no cover - only with the repository
     _sys.modules[__name__] = _importlib.import_module("fxadapt.kernels")
 else:
     from . import reference
-    from ._common import ACTIVATIONS, BACKENDS, MAX_RANK, backend, backend_mode, can_use_triton, force_triton
+    from ._common import (
+        ACTIVATIONS,
+        BACKENDS,
+        MAX_RANK,
+        backend,
+        backend_mode,
+        can_use_triton,
+        force_triton,
+        validate_ids,
+    )
     from .bottleneck import bottleneck
     from .lora import lora_linear
     from .multi import bottleneck_multi, lora_multi
@@ -41,4 +51,5 @@ __all__ = [
     "lora_linear",
     "lora_multi",
     "reference",
+    "validate_ids",
 ]

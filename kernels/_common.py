@@ -21,7 +21,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -90,7 +90,7 @@ def kernel_module(name: str) -> ModuleType:
     module = _loaded.get(name)
     if module is None:
         module = importlib.import_module(f"{__package__}._triton_{name}")
-        if interpreting() != module.INTERPRETED:
+        if interpreting() != importlib.import_module(f"{__package__}._triton_common").INTERPRETED:
             # Our kernels were jitted in one mode and Triton's library in the other: every launch would fail.
             raise RuntimeError(
                 "fxadapt.kernels: TRITON_INTERPRET changed between `import triton` and the first kernel use; "
@@ -206,11 +206,88 @@ def act_code(name: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Targets: what the tile configs depend on, and the device each launch must go to.
+@dataclass(frozen=True)
+class Target:
+    """A GPU as the tile configs see it.
+
+    ``capability`` is ``10·major + minor`` (90 = H100/H200, 80 = A100); ``smem`` the opt-in shared memory one
+    program may use (bytes; a launch above it fails with ``OutOfResources``); ``sms`` the multiprocessor count;
+    ``l2`` the L2 size in bytes (the forward's persistent schedule bounds its re-read footprint by it).
+    """
+
+    capability: int
+    smem: int
+    sms: int
+    l2: int
+
+    @property
+    def tier(self) -> str:
+        """The config table a target uses: ``"sm90"`` (≥ 227 KiB shared memory per program), ``"sm80"``
+        (≥ 163 KiB) or ``"small"`` (consumer parts: ~99 KiB)."""
+        if self.smem >= 232_448:
+            return "sm90"
+        if self.smem >= 166_912:
+            return "sm80"
+        return "small"
+
+
+#: The targets the compile check (``compile_check.py``) builds for, with their per-program shared memory limits:
+#: H100/H200 227 KiB, A100 163 KiB, sm_86/89 consumer parts 99 KiB (CUDA's opt-in maximum per block).
+KNOWN_TARGETS: dict[int, Target] = {
+    90: Target(90, 232_448, 132, 50 << 20),
+    80: Target(80, 166_912, 108, 40 << 20),
+    86: Target(86, 101_376, 84, 6 << 20),
+}
+
+#: Set by the compile check (no GPU present): the target every launcher plans for. Never set otherwise.
+TARGET_OVERRIDE: Target | None = None
+
+_device_targets: dict[int, Target] = {}
+
+
+def target_of(x: torch.Tensor) -> Target | None:
+    """The :class:`Target` of a CUDA tensor's device (cached per device); None for CPU (the interpreter)."""
+    if TARGET_OVERRIDE is not None:
+        return TARGET_OVERRIDE
+    if x.device.type != "cuda":
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    tgt = _device_targets.get(index)
+    if tgt is None:
+        props = torch.cuda.get_device_properties(index)
+        cap = 10 * props.major + props.minor
+        known = KNOWN_TARGETS.get(cap, KNOWN_TARGETS[86])
+        tgt = Target(
+            cap,
+            int(getattr(props, "shared_memory_per_block_optin", 0) or known.smem),
+            int(getattr(props, "multi_processor_count", 0) or known.sms),
+            int(getattr(props, "L2_cache_size", 0) or known.l2),
+        )
+        _device_targets[index] = tgt
+    return tgt
+
+
+def on_device(x: torch.Tensor) -> AbstractContextManager[None]:
+    """Launch on ``x``'s GPU, not the current one (a model spread by ``device_map="auto"`` has tensors on
+    ``cuda:1``…); a no-op for CPU tensors (the interpreter)."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Shapes and tiles.
 def pow2_tile(n: int, lo: int, hi: int) -> int:
     """Smallest power of two ≥ n, clamped to [lo, hi]. ``lo`` is ≥ 16 wherever the tile feeds ``tl.dot``."""
     p = 1 << max(int(n) - 1, 0).bit_length()
     return max(lo, min(hi, p))
+
+
+def aligned16(*values: int) -> bool:
+    """Whether Triton will know every one of these sizes/strides is a multiple of 16 (or a unit/zero stride):
+    the condition for 16-byte vector loads (see ``_configs``)."""
+    return all(v in (0, 1) or v % 16 == 0 for v in values)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -225,6 +302,16 @@ def saved_dtype(x: torch.Tensor) -> torch.dtype:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The reference fallback computes half-precision inputs in fp32, like the kernels' fp32 accumulation."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def upcast(c: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The fallback's inputs in its compute dtype (None stays None)."""
+    return [None if t is None else t.to(c) for t in tensors]
+
+
+def on_device_of(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``t`` on ``x``'s device (a CPU scale or CPU adapter ids with CUDA activations: moved, not refused)."""
+    return None if t is None or t.device == x.device else t.to(x.device)
 
 
 def split_scale(scale: float | torch.Tensor | None) -> tuple[float, torch.Tensor | None]:
@@ -279,13 +366,17 @@ class Schedule:
 def build_schedule(ids: torch.Tensor, num_adapters: int, block_m: int) -> Schedule:
     """Group rows by adapter id (``ids`` int, values in [−1, num_adapters)) into per-adapter row blocks.
 
-    Entirely on the ids' device (argsort, bincount, cumsum, searchsorted): no host sync.
+    Entirely on the ids' device (argsort, scatter_add, cumsum, searchsorted): no host sync.
     """
     n = ids.numel()
     groups = num_adapters + 1
     key = ids.long() + 1  # group index: passthrough (−1) → 0, adapter a → a + 1
     perm = torch.argsort(key, stable=True).to(torch.int32)
-    count = torch.bincount(key, minlength=groups)  # rows per group
+    # Rows per group. scatter_add into a fixed-size tensor, not bincount: bincount reads the maximum back to the
+    # host to size its output (a device sync, illegal during CUDA-graph capture).
+    count = torch.zeros(groups, dtype=torch.long, device=ids.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
     seg_start = torch.cumsum(count, 0) - count  # exclusive prefix sum: first sorted position of each group
     nblk = (count + block_m - 1) // block_m  # row blocks per group
     blk_end = torch.cumsum(nblk, 0)  # inclusive prefix sum: one past the last block of each group
@@ -316,21 +407,52 @@ def build_schedule(ids: torch.Tensor, num_adapters: int, block_m: int) -> Schedu
     )
 
 
-def check_ids(ids: torch.Tensor, num_adapters: int) -> None:
-    """Reject ids outside [−1, num_adapters). Reads two scalars back (a sync on CUDA): a wrong id would otherwise
-    index another adapter's weights silently. Skipped while a CUDA graph is being captured (a sync is illegal
-    there; the ids of a captured graph were validated by the eager warm-up run)."""
+#: ``FXADAPT_CHECK_IDS``: how the multi-adapter ops validate CUDA adapter ids. ``async`` (default): a device-side
+#: assertion, no host sync (a bad id stops the CUDA context with "adapter id out of range"); ``sync``: read the
+#: range back and raise ValueError naming the bad id (one sync per call, like a debug mode); ``off``.
+CHECK_IDS_VAR = "FXADAPT_CHECK_IDS"
+
+
+def ids_check_mode() -> str:
+    raw = os.environ.get(CHECK_IDS_VAR, "async").strip().lower() or "async"
+    if raw not in ("async", "sync", "off"):
+        raise ValueError(f"{CHECK_IDS_VAR}={raw!r} is not a known mode; expected one of async, sync, off")
+    return raw
+
+
+def validate_ids(ids: torch.Tensor, num_adapters: int) -> None:
+    """Raise ValueError unless every id is in [−1, num_adapters). Reads the range back: free for CPU ids (where
+    routing ids usually come from), one device sync for CUDA ids."""
     if ids.numel() == 0:
         return
-    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
     if lo < -1 or hi >= num_adapters:
         bad = lo if lo < -1 else hi
         raise ValueError(
             f"adapter id {bad} out of range: ids must be in [-1, {num_adapters}) "
             f"(−1 = no adapter; the bank holds {num_adapters} adapters)"
         )
+
+
+def check_ids(ids: torch.Tensor, num_adapters: int) -> None:
+    """Reject ids outside [−1, num_adapters) — a wrong id would index another adapter's weights silently.
+
+    CPU ids: :func:`validate_ids` (exact ValueError, no GPU involved). CUDA ids: by :func:`ids_check_mode`; the
+    default is sync-free (``torch._assert_async``), so the multi-adapter ops never stall the host and can be
+    captured in a CUDA graph. Validate routing ids where they are made (usually on the host) for a ValueError.
+    """
+    if ids.numel() == 0:
+        return
+    if not ids.is_cuda:
+        validate_ids(ids, num_adapters)
+        return
+    mode = ids_check_mode()
+    if mode == "off":
+        return
+    if mode == "sync" and not torch.cuda.is_current_stream_capturing():
+        validate_ids(ids, num_adapters)
+        return
+    torch._assert_async(((ids >= -1) & (ids < num_adapters)).all(), "adapter id out of range")
 
 
 def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -48,34 +48,42 @@ def mm_split(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
-    """Rows of row-block ``pid``: (row indices [BM] int64, row mask [BM], adapter index ≥ 0 (int64), active).
+def block_rows(blk, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
+    """Rows of row-block ``blk``: (row indices [BM] int64, row mask [BM], adapter mask [BM], adapter index ≥ 0
+    (int64), raw adapter id (−1: passthrough; for ``lanes_if``), non-empty).
 
-    Without a schedule: rows pid·BM … pid·BM+BM−1, adapter 0. With one: block ``pid`` of the schedule, i.e. sorted
+    Without a schedule: rows blk·BM … blk·BM+BM−1, adapter 0. With one: block ``blk`` of the schedule, i.e. sorted
     positions [lo, hi) of group g, mapped back to original rows through ``perm``. Group 0 holds the passthrough
-    rows (id −1): they compute with adapter 0's weights (valid memory) and callers discard the result
-    (``active`` is False).
+    rows (id −1): their adapter mask is all False, so adapter loads and math skip them (they still pass their
+    residual through). Spare blocks of the schedule have lo == hi (``non-empty`` False): callers skip them.
+
+    The activity is folded into a *vector* mask (``offs·0 + adapter ≥ 0``) rather than combined as a scalar:
+    Triton 3.9's interpreter rejects masks built from a scalar comparison ("mask has unsupported dtype").
     """
     if HAS_SCHED:
-        grp = tl.load(bgrp_ptr + pid)
-        lo = tl.load(blo_ptr + pid)
-        hi = tl.load(bhi_ptr + pid)
+        grp = tl.load(bgrp_ptr + blk)
+        lo = tl.load(blo_ptr + blk)
+        hi = tl.load(bhi_ptr + blk)
         offs = lo + tl.arange(0, BM)
-        mask = offs < hi  # spare blocks have lo == hi: every lane masked
+        mask = offs < hi
         rows = tl.load(perm_ptr + offs, mask=mask, other=0)
         adapter = grp - 1
+        nonempty = lo < hi
     else:
-        offs = pid * BM + tl.arange(0, BM)
+        offs = blk * BM + tl.arange(0, BM)
         mask = offs < N
         rows = offs
-        adapter = pid * 0  # adapter 0, as a tensor like the scheduled branch's
-    return rows.to(tl.int64), mask, tl.maximum(adapter, 0).to(tl.int64), adapter >= 0
+        adapter = blk * 0  # adapter 0, as a tensor like the scheduled branch's
+        nonempty = blk * BM < N
+    amask = mask & (offs * 0 + adapter >= 0)
+    return rows.to(tl.int64), mask, amask, tl.maximum(adapter, 0).to(tl.int64), adapter, nonempty
 
 
 @triton.jit
 def seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED: tl.constexpr):
     """Sorted row positions [lo, hi) of group ``grp`` for the column-parallel kernels, its adapter index ≥ 0 and
-    whether it is a real adapter (the passthrough group 0 is not). Without a schedule: all N rows, adapter 0."""
+    the raw adapter id (−1 for the passthrough group 0; see ``lanes_if``). Without a schedule: all N rows,
+    adapter 0."""
     if HAS_SCHED:
         lo = tl.load(seg_lo_ptr + grp)
         hi = lo + tl.load(seg_cnt_ptr + grp)
@@ -84,7 +92,14 @@ def seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED: tl.constexpr):
         lo = grp * 0
         hi = lo + N
         adapter = grp
-    return lo, hi, tl.maximum(adapter, 0).to(tl.int64), adapter >= 0
+    return lo, hi, tl.maximum(adapter, 0).to(tl.int64), adapter
+
+
+@triton.jit
+def lanes_if(lanes, adapter):
+    """``lanes`` masked to nothing when ``adapter`` < 0 (the passthrough group), as a vector mask (see
+    ``block_rows`` for why not a scalar)."""
+    return lanes & (lanes.to(tl.int32) * 0 + adapter >= 0)
 
 
 @triton.jit
@@ -100,6 +115,19 @@ def seg_rows(start, hi, perm_ptr, BM: tl.constexpr, HAS_SCHED: tl.constexpr):
 
 
 INTERPRETED = type(mm).__name__ == "InterpretedFunction"
+
+#: Set by the compile check (``compile_check.py``): called with ``(kernel, grid, args, meta)`` for every launch
+#: instead of running it, so that the launchers' own tile choices are what gets compiled. Never set otherwise.
+LAUNCH_HOOK = None
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``: every launch of the package goes through here."""
+    if LAUNCH_HOOK is not None:
+        LAUNCH_HOOK(kernel, grid, args, meta)
+        return
+    kernel[grid](*args, **meta)
+
 
 #: Test hook: run fp16 dots in fp16 under the interpreter too (it handles fp16, unlike bf16), so that the CPU tests
 #: can exercise the GPU's half-precision dot path and its numerics. Never set outside tests.

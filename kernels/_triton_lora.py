@@ -22,11 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, pow2_tile
+from . import _configs
+from ._common import aligned16, cdiv, on_device, target_of
 from ._triton_common import (
-    INTERPRETED,
     block_rows,
     dot_f32,
+    lanes_if,
+    launch,
     mm,
     mm_split,
     num_groups,
@@ -51,25 +53,32 @@ def _rowproj(
 ):  # fmt: skip
     """out[rows, :R] = X[rows, :K] @ M[a]ᵀ with M[a] read as [R, K] through strides; fp32, 0 on passthrough rows."""
     pid = tl.program_id(0)
-    rows, rmask, a, active = block_rows(pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED)
-    rr = tl.arange(0, BR)  # rank lanes, ≥ 16 for tl.dot; lanes ≥ R masked to 0
-    rmask_r = rr < R
-    acc = tl.zeros([BM, BR], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        xt = tl.load(
-            x_ptr + rows[:, None] * s_xm + kk[None, :] * s_xk, mask=rmask[:, None] & kmask[None, :], other=0.0
-        )
-        # [BK, BR] tile of M[a]ᵀ: element (k, r) lives at m + a·s_ma + r·s_mr + k·s_mk.
-        mt = tl.load(
-            m_ptr + a * s_ma + kk[:, None] * s_mk + rr[None, :] * s_mr,
-            mask=kmask[:, None] & rmask_r[None, :],
-            other=0.0,
-        )
-        acc += mm(xt, mt, DOT_F32)
-    acc = tl.where(active, acc, 0.0)
-    tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc, mask=rmask[:, None] & rmask_r[None, :])
+    rows, rmask, amask, a, adapter, nonempty = block_rows(
+        pid, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED
+    )
+    if nonempty:  # spare schedule blocks exit at once
+        rr = tl.arange(0, BR)  # rank lanes, ≥ 16 for tl.dot; lanes ≥ R masked to 0
+        rmask_r = rr < R
+        wr = lanes_if(rmask_r, adapter)  # passthrough blocks read no adapter weights
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < K
+            xt = tl.load(
+                x_ptr + rows[:, None] * s_xm + kk[None, :] * s_xk,
+                mask=amask[:, None] & kmask[None, :],
+                other=0.0,
+            )
+            # [BK, BR] tile of M[a]ᵀ: element (k, r) lives at m + a·s_ma + r·s_mr + k·s_mk.
+            mt = tl.load(
+                m_ptr + a * s_ma + kk[:, None] * s_mk + rr[None, :] * s_mr,
+                mask=kmask[:, None] & wr[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
+            acc += mm(xt, mt, DOT_F32)
+        acc = tl.where(amask[:, None], acc, 0.0)
+        tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc, mask=rmask[:, None] & rmask_r[None, :])
 
 
 @triton.jit
@@ -95,7 +104,11 @@ def _gemm_lr(
     group_size = tl.minimum(NUM_M - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
-    rows, rmask, a, active = block_rows(pid_m, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED)
+    rows, rmask, amask, a, adapter, nonempty = block_rows(
+        pid_m, perm_ptr, bgrp_ptr, blo_ptr, bhi_ptr, N, BM, HAS_SCHED
+    )
+    if not nonempty:  # a spare schedule block: nothing to do
+        return
     nn = pid_n * BN + tl.arange(0, BN)
     nmask = nn < NOUT
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -114,17 +127,19 @@ def _gemm_lr(
     # Low-rank epilogue: the [BM, BR] slice of T times the [BR, BN] tile of L[a], added in registers.
     rr = tl.arange(0, BR)
     rmask_r = rr < R
-    tt = tl.load(t_ptr + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+    wr = lanes_if(rmask_r, adapter)
+    tt = tl.load(t_ptr + rows[:, None] * R + rr[None, :], mask=amask[:, None] & rmask_r[None, :], other=0.0)
     lt = tl.load(
         l_ptr + a * s_la + rr[:, None] * s_lr + nn[None, :] * s_ln,
-        mask=rmask_r[:, None] & nmask[None, :],
+        mask=wr[:, None] & nmask[None, :],
         other=0.0,
+        eviction_policy="evict_last",
     )
     s = tl.cast(scale_f, tl.float32)  # Inductor and the interpreter may hand floats over as fp64
     if HAS_SC:
         s = s * tl.load(sc_ptr + a * s_sca).to(tl.float32)
     lora = mm(tt, lt, DOT_F32) * s
-    acc += tl.where(active, lora, 0.0)  # passthrough rows (id −1): base output only
+    acc += tl.where(amask[:, None], lora, 0.0)  # passthrough rows (id −1): base output only
     tl.store(
         out_ptr + rows[:, None] * NOUT + nn[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -136,9 +151,9 @@ def _gemm_lr(
 def _seg_outer(
     u_ptr, v_ptr, out_ptr,
     perm_ptr, seg_lo_ptr, seg_cnt_ptr,
-    N, DV, R, A,
+    N, DV, R, A, SPLIT,
     s_vm, s_vd,
-    HAS_SCHED: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SCHED: tl.constexpr, DOT_F32: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     """out[split, a, :R, cols] = Σ over this split's rows of adapter a of U[rows, :R]ᵀ V[rows, cols] (fp32).
@@ -148,7 +163,7 @@ def _seg_outer(
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     split = tl.program_id(2)
-    lo, hi, a, active = seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED)
+    lo, hi, a, adapter = seg_range(grp, seg_lo_ptr, seg_cnt_ptr, N, HAS_SCHED)
     dd = pid_d * BD + tl.arange(0, BD)
     dmask = dd < DV
     rr = tl.arange(0, BR)
@@ -168,60 +183,22 @@ def _seg_outer(
     tl.store(
         out_ptr + base * R * DV + rr[:, None] * DV + dd[None, :],
         acc,
-        mask=active & rmask_r[:, None] & dmask[None, :],
+        mask=lanes_if(rmask_r, adapter)[:, None] & dmask[None, :],
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiles and launchers.
-def row_bm(n: int, r: int, groups: int) -> int:
-    """Row-block height shared by ``_rowproj`` and ``_gemm_lr`` in one call (they share one schedule); it follows
-    the rows per group, since a block never spans two adapters (see ``_triton_bottleneck.row_tiles``)."""
-    m = cdiv(n, groups)
-    if INTERPRETED:
-        return pow2_tile(m, 16, 256)
-    return pow2_tile(m, 16, 128 if r <= 64 else 64)
-
-
-def _proj_tiles(k: int, r: int, bm: int) -> dict[str, int]:
-    br = pow2_tile(r, 16, 256)
-    if INTERPRETED:
-        return {"BM": bm, "BK": pow2_tile(k, 16, 512), "BR": br}
-    return {"BM": bm, "BK": 128 if br <= 64 else 64, "BR": br, "num_warps": 4 if br <= 64 else 8}
-
-
-def _gemm_tiles(k: int, nout: int, r: int, bm: int) -> dict[str, int]:
-    br = pow2_tile(r, 16, 256)
-    if INTERPRETED:
-        return {"BM": bm, "BN": pow2_tile(nout, 16, 512), "BK": pow2_tile(k, 16, 512), "BR": br, "GROUP_M": 4}
-    if bm <= 16:  # decode-sized batches: weight-bandwidth bound, many narrow column blocks to fill the GPU
-        return {"BM": bm, "BN": 64, "BK": 128, "BR": br, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
-    return {"BM": bm, "BN": 128, "BK": 64, "BR": br, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-
-
-def _outer_tiles(n: int, dv: int, r: int, groups: int, adapters: int) -> dict[str, int]:
-    """Like ``_triton_bottleneck.col_tiles``: SPLIT adds programs when column blocks × groups are few; partials
-    cost SPLIT × A × r × dv fp32, capped at 64 MiB. The interpreter splits whenever a group spans two row blocks."""
-    br = pow2_tile(r, 16, 256)
-    m = cdiv(n, groups)
-    if INTERPRETED:
-        bm = pow2_tile(m, 16, 256)
-        return {"BM": bm, "BD": pow2_tile(dv, 16, 512), "BR": br, "SPLIT": 2 if m > bm else 1}
-    bm, bd = pow2_tile(m, 16, 64), (128 if br <= 64 else 64)
-    split = max(1, min(cdiv(264, cdiv(dv, bd) * groups), cdiv(m, bm)))
-    split = max(1, min(split, (64 << 20) // max(adapters * r * dv * 4, 1)))
-    return {"BM": bm, "BD": bd, "BR": br, "SPLIT": split, "num_warps": 4 if br <= 64 else 8}
-
-
 def _rowproj_launch(x2: Tensor, m: Tensor, strides: tuple[int, int, int], r: int, sched, bm: int) -> Tensor:
     """X [N, K] @ M[a]ᵀ → fp32 [N, r]; ``strides`` = (adapter, rank, K) strides of M."""
     n, k = x2.shape
     out = torch.empty((n, r), dtype=torch.float32, device=x2.device)
     if n == 0:
         return out
-    _rowproj[(num_row_blocks(sched, n, bm),)](
+    launch(_rowproj, (num_row_blocks(sched, n, bm),),
         x2, m, out, *row_sched_args(sched, out), n, k, r, x2.stride(0), x2.stride(1), *strides,
-        HAS_SCHED=sched is not None, DOT_F32=dot_f32(x2.dtype), **_proj_tiles(k, r, bm),
+        HAS_SCHED=sched is not None, DOT_F32=dot_f32(x2.dtype),
+        **_configs.proj_config(target_of(x2), k, r, bm, x2.element_size(), aligned16(k, *x2.stride())),
     )  # fmt: skip
     return out
 
@@ -245,10 +222,11 @@ def _gemm_launch(
     out = torch.empty((n, nout), dtype=x2.dtype, device=x2.device)
     if n == 0:
         return out
-    tiles = _gemm_tiles(k, nout, r, bm)
+    aligned = aligned16(k, nout, *x2.stride(), *w_strides)
+    tiles = _configs.gemm_config(target_of(x2), k, nout, r, bm, x2.element_size(), aligned)
     num_m = num_row_blocks(sched, n, bm)
     sc, s_sca = _scale_args(scale_t)
-    _gemm_lr[(num_m * cdiv(nout, tiles["BN"]),)](
+    launch(_gemm_lr, (num_m * cdiv(nout, tiles["BN"]),),
         x2, w, x2 if bias is None else bias, t, lbank, x2 if sc is None else sc, out,
         *row_sched_args(sched, t),
         n, k, nout, r, num_m, scale,
@@ -264,12 +242,13 @@ def _outer_launch(u: Tensor, v2: Tensor, adapters: int, sched) -> Tensor:
     n, dv = v2.shape
     r = u.shape[1]
     groups = num_groups(sched)
-    tiles = _outer_tiles(n, dv, r, groups, adapters)
-    split = tiles["SPLIT"]
+    aligned = aligned16(dv, *v2.stride())
+    tiles = _configs.outer_config(target_of(v2), n, dv, r, v2.element_size(), groups, adapters, aligned)
+    split = tiles.pop("SPLIT")
     part = torch.zeros((split, adapters, r, dv), dtype=torch.float32, device=v2.device)
     if n > 0:
-        _seg_outer[(cdiv(dv, tiles["BD"]), groups, split)](
-            u, v2, part, *seg_sched_args(sched, u), n, dv, r, adapters, v2.stride(0), v2.stride(1),
+        launch(_seg_outer, (cdiv(dv, tiles["BD"]), groups, split),
+            u, v2, part, *seg_sched_args(sched, u), n, dv, r, adapters, split, v2.stride(0), v2.stride(1),
             HAS_SCHED=sched is not None, DOT_F32=dot_f32(v2.dtype), **tiles,
         )  # fmt: skip
     return part.sum(0)  # fixed-order reduction over the row splits
@@ -301,11 +280,20 @@ def forward(
     ids: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """x2 [N, d_in], weight [d_out, d_in], banks A [n_ad, r, d_in], B [n_ad, d_out, r]; ``ids`` [N] or None.
-    Returns y [N, d_out] (x's dtype) and t = x·A[id]ᵀ [N, r] fp32 (0 on passthrough rows)."""
+    Returns y [N, d_out] (x's dtype) and t = x·A[id]ᵀ [N, r] fp32 (0 on passthrough rows). Launches on x's device;
+    ``scale_t`` and ``ids`` are moved there if they live elsewhere."""
+    with on_device(x2):
+        return _forward(x2, weight, bias, a_bank, b_bank, scale, scale_t, ids)
+
+
+def _forward(x2, weight, bias, a_bank, b_bank, scale, scale_t, ids):
     n = x2.shape[0]
     adapters, r = a_bank.shape[0], a_bank.shape[1]
     d_out = weight.shape[0]
-    bm = row_bm(n, r, 1 if ids is None else adapters + 1)
+    ids = None if ids is None else ids.to(x2.device)
+    scale_t = None if scale_t is None else scale_t.to(x2.device)
+    aligned = aligned16(*x2.shape[1:], *weight.shape, *x2.stride(), *weight.stride())
+    bm = _configs.lora_bm(target_of(x2), n, r, 1 if ids is None else adapters + 1, x2.element_size(), aligned)
     sched = schedule(ids, adapters, bm)
     t = _rowproj_launch(x2, a_bank, (a_bank.stride(0), a_bank.stride(1), a_bank.stride(2)), r, sched, bm)
     y = _gemm_launch(
@@ -332,10 +320,26 @@ def backward(
     ids: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dW, db, dA bank, dB bank, d scale_t), None where not requested. With s_a the effective scale and
-    dt = dy·B[a]: dx = dy·W + s_a·dt·A[a], dA[a] = s_a·Σ dtᵀx, dB[a] = s_a·Σ dyᵀt, dL/ds_a = ⟨Σ dyᵀt, B[a]⟩."""
+    dt = dy·B[a]: dx = dy·W + s_a·dt·A[a], dA[a] = s_a·Σ dtᵀx, dB[a] = s_a·Σ dyᵀt, dL/ds_a = ⟨Σ dyᵀt, B[a]⟩.
+    d scale_t comes back on scale_t's device."""
+    with on_device(x2):
+        out = _backward(dy2, x2, weight, a_bank, b_bank, t, scale, scale_t, need_dx, need_dw, need_lora,
+                        need_dscale, ids)  # fmt: skip
+    ds = out[5]
+    if ds is not None and scale_t is not None and ds.device != scale_t.device:
+        out = (*out[:5], ds.to(scale_t.device))
+    return out
+
+
+def _backward(
+    dy2, x2, weight, a_bank, b_bank, t, scale, scale_t, need_dx, need_dw, need_lora, need_dscale, ids
+):
     n, d_in = x2.shape
     adapters, r = a_bank.shape[0], a_bank.shape[1]
-    bm = row_bm(n, r, 1 if ids is None else adapters + 1)
+    ids = None if ids is None else ids.to(x2.device)
+    scale_t = None if scale_t is None else scale_t.to(x2.device)
+    aligned = aligned16(*x2.shape[1:], *weight.shape, *x2.stride(), *weight.stride())
+    bm = _configs.lora_bm(target_of(x2), n, r, 1 if ids is None else adapters + 1, x2.element_size(), aligned)
     sched = schedule(ids, adapters, bm)
     b_as_rk = (b_bank.stride(0), b_bank.stride(2), b_bank.stride(1))  # B[a] read as [r, d_out]
     # dt = dy·B[a], unscaled, [N, r] fp32: feeds dx (dt·A) and dA (dtᵀx).

@@ -11,7 +11,6 @@ Forward saves only ``h [N, r]`` (fp32) besides the inputs; backward recomputes a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from ._common import (
@@ -21,10 +20,12 @@ from ._common import (
     compute_dtype,
     kernel_module,
     lead_rows,
+    on_device_of,
     or_empty,
     saved_dtype,
     split_scale,
     unbank1,
+    upcast,
     use_triton,
 )
 
@@ -112,6 +113,7 @@ def bottleneck_op(
     d, r = x.shape[-1], w_down.shape[0]
     x2 = x.reshape(-1, d)
     r2 = None if residual is None else residual.reshape(-1, d)
+    scale_t = scale_t if scale_t is None or scale_t.device == x.device else scale_t.to(x.device)
     if use_triton(x, w_down, b_down, w_up, b_up, residual, rank=r):
         y, h = kernel_module("bottleneck").forward(
             x2,
@@ -141,16 +143,11 @@ def _forward_fallback(
     act: str,
     r2: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """The reference math in fp32 (fp64 for fp64 inputs), returning the same (y, h) as the kernels."""
+    """``reference.bottleneck_parts`` in fp32 (fp64 for fp64 inputs), returning the same (y, h) as the kernels."""
     c = compute_dtype(x2)
-
-    def up(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(c)
-
-    h = F.linear(x2.to(c), w_down.to(c), up(b_down))
-    a = F.linear(reference.activation(h, act), w_up.to(c), up(b_up))
     s = scale if scale_t is None else scale * scale_t.to(c).reshape(-1)
-    y = (x2 if r2 is None else r2).to(c) + s * a
+    xc, wd, bd, wu, bu, rc = upcast(c, x2, w_down, b_down, w_up, b_up, r2)
+    y, h = reference.bottleneck_parts(xc, wd, bd, wu, bu, s, act, rc)
     return y.to(x2.dtype), h.to(saved_dtype(x2))
 
 
@@ -180,6 +177,8 @@ def bottleneck_bwd_op(
     ``dx`` includes dy when ``residual_is_x``; the separate residual's gradient is dy itself (no op needed)."""
     d, r = x.shape[-1], w_down.shape[0]
     dy2, x2 = dy.reshape(-1, d).to(x.dtype), x.reshape(-1, d)
+    home = None if scale_t is None else scale_t.device  # d scale_t goes back there
+    scale_t = on_device_of(scale_t, x) or scale_t
     if use_triton(x, w_down, b_down, w_up, b_up, rank=r):
         dx, dwd, dbd, dwu, dbu, ds = kernel_module("bottleneck").backward(
             dy2, x2, bank1(w_down), bank1(b_down), bank1(w_up), bank1(b_up), h, scale, scale_t, act_code(act),
@@ -190,6 +189,7 @@ def bottleneck_bwd_op(
         dx, dwd, dbd, dwu, dbu, ds = reference.bottleneck_bwd_ref(
             dy2, x2, w_down, b_down, w_up, b_up, h, scale, scale_t, act, residual_is_x
         )
+    ds = None if ds is None else ds.to(home)
     return _bwd_outputs(x, dx, dwd, dbd, dwu, dbu, ds, need_dx, need_dw, need_dscale)
 
 

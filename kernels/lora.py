@@ -8,7 +8,6 @@ Public entry point :func:`lora_linear`; ops ``torch.ops.fxadapt.lora_linear`` (r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from ._common import (
@@ -16,10 +15,12 @@ from ._common import (
     compute_dtype,
     kernel_module,
     lead_rows,
+    on_device_of,
     or_empty,
     saved_dtype,
     split_scale,
     unbank1,
+    upcast,
     use_triton,
 )
 
@@ -83,17 +84,16 @@ def lora_linear_op(
     """Returns (y [..., d_out], t = x·Aᵀ [N, r] fp32). The effective scale is ``scale * scale_t``."""
     d_in, d_out, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
     x2 = x.reshape(-1, d_in)
+    scale_t = on_device_of(scale_t, x) or scale_t
     if use_triton(x, weight, bias, lora_a, lora_b, rank=r):
         y, t = kernel_module("lora").forward(
             x2, weight, bias, bank1(lora_a), bank1(lora_b), scale, scale_t, None
         )
-    else:
+    else:  # reference.lora_parts in fp32 (fp64 for fp64 inputs)
         c = compute_dtype(x)
-        t = F.linear(x2.to(c), lora_a.to(c))
         s = scale if scale_t is None else scale * scale_t.to(c).reshape(())
-        base = F.linear(x2.to(c), weight.to(c), None if bias is None else bias.to(c))
-        y = (base + s * F.linear(t, lora_b.to(c))).to(x.dtype)
-        t = t.to(saved_dtype(x))
+        y, t = reference.lora_parts(*upcast(c, x2, weight, bias, lora_a, lora_b), s)
+        y, t = y.to(x.dtype), t.to(saved_dtype(x))
     return y.view(*x.shape[:-1], d_out), t
 
 
@@ -121,6 +121,8 @@ def lora_bwd_op(
     """(dx, dW, db, dA, dB, d scale_t); entries not requested are empty tensors. ``need_dw`` covers W and b."""
     d_in, d_out, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
     dy2, x2 = dy.reshape(-1, d_out).to(x.dtype), x.reshape(-1, d_in)
+    home = None if scale_t is None else scale_t.device  # d scale_t goes back there
+    scale_t = on_device_of(scale_t, x) or scale_t
     if use_triton(x, weight, lora_a, lora_b, rank=r):
         dx, dw, db, da, dbb, ds = kernel_module("lora").backward(
             dy2, x2, weight, bank1(lora_a), bank1(lora_b), t, scale, scale_t,
@@ -129,6 +131,7 @@ def lora_bwd_op(
         da, dbb = unbank1(da), unbank1(dbb)
     else:
         dx, dw, db, da, dbb, ds = reference.lora_bwd_ref(dy2, x2, weight, lora_a, lora_b, t, scale, scale_t)
+    ds = None if ds is None else ds.to(home)
     return lora_bwd_outputs(x, dx, dw, db, da, dbb, ds, need_dx, need_dw, need_lora, need_dscale)
 
 

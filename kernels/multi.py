@@ -10,7 +10,6 @@ passes the row through (y = r), LoRA returns the base output. Gradients flow to 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from ._common import (
@@ -21,8 +20,10 @@ from ._common import (
     expand_ids,
     kernel_module,
     lead_rows,
+    on_device_of,
     saved_dtype,
     split_scale,
+    upcast,
     use_triton,
 )
 from .bottleneck import _bwd_fake, _bwd_outputs
@@ -114,12 +115,9 @@ def lora_multi(
     return y
 
 
-def _rows(ids: Tensor, a: int) -> Tensor:
-    return (ids == a).nonzero().squeeze(1)
-
-
-def _adapter_scale(scale: float, scale_t: Tensor | None, a: int, c: torch.dtype):
-    return scale if scale_t is None else scale * scale_t[a].to(c)
+def _bank_scale_c(scale: float, scale_t: Tensor | None, c: torch.dtype) -> float | Tensor:
+    """Effective per-adapter scale for the reference fallback: the float, or float × ``scale_t [A]``."""
+    return scale if scale_t is None else scale * scale_t.to(c)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +138,8 @@ def bottleneck_multi_op(
     """``ids`` has one entry per flattened row. Returns (y, h [N, r] fp32, 0 on passthrough rows)."""
     adapters, r, d = w_down.shape
     check_ids(ids, adapters)
+    ids = on_device_of(ids, x) or ids
+    scale_t = on_device_of(scale_t, x) or scale_t
     x2 = x.reshape(-1, d)
     r2 = None if residual is None else residual.reshape(-1, d)
     if use_triton(x, w_down, b_down, w_up, b_up, residual, rank=r):
@@ -147,17 +147,11 @@ def bottleneck_multi_op(
             x2, w_down, b_down, w_up, b_up, scale, scale_t, act_code(act), r2, ids
         )
         return y.view(x.shape), h
-    c = compute_dtype(x)
-    y = (x2 if r2 is None else r2).to(c).clone()
-    h = torch.zeros((x2.shape[0], r), dtype=c, device=x.device)
-    for a in range(adapters):
-        rows = _rows(ids, a)
-        if rows.numel() == 0:
-            continue
-        ha = F.linear(x2[rows].to(c), w_down[a].to(c), None if b_down is None else b_down[a].to(c))
-        out = F.linear(reference.activation(ha, act), w_up[a].to(c), None if b_up is None else b_up[a].to(c))
-        y[rows] += _adapter_scale(scale, scale_t, a, c) * out
-        h[rows] = ha
+    c = compute_dtype(x)  # reference.bottleneck_multi_parts in fp32 (fp64 for fp64 inputs)
+    xc, wd, bd, wu, bu, rc = upcast(c, x2, w_down, b_down, w_up, b_up, r2)
+    y, h = reference.bottleneck_multi_parts(
+        xc, ids, wd, bd, wu, bu, _bank_scale_c(scale, scale_t, c), act, rc
+    )
     return y.to(x.dtype).view(x.shape), h.to(saved_dtype(x))
 
 
@@ -187,6 +181,9 @@ def bottleneck_multi_bwd_op(
     """(dx, dWd, dbd, dWu, dbu, d scale_t) in bank shapes; entries not requested are empty tensors."""
     d, r = x.shape[-1], w_down.shape[1]
     dy2, x2 = dy.reshape(-1, d).to(x.dtype), x.reshape(-1, d)
+    home = None if scale_t is None else scale_t.device  # d scale_t goes back there
+    ids = on_device_of(ids, x) or ids
+    scale_t = on_device_of(scale_t, x) or scale_t
     if use_triton(x, w_down, b_down, w_up, b_up, rank=r):
         out = kernel_module("bottleneck").backward(
             dy2, x2, w_down, b_down, w_up, b_up, h, scale, scale_t, act_code(act),
@@ -196,6 +193,7 @@ def bottleneck_multi_bwd_op(
         out = reference.bottleneck_multi_bwd_ref(
             dy2, x2, ids, w_down, b_down, w_up, b_up, h, scale, scale_t, act, residual_is_x
         )
+    out = (*out[:5], None if out[5] is None else out[5].to(home))
     return _bwd_outputs(x, *out, need_dx, need_dw, need_dscale)
 
 
@@ -269,20 +267,16 @@ def lora_multi_op(
     adapters, r, d_in = lora_a.shape
     d_out = weight.shape[0]
     check_ids(ids, adapters)
+    ids = on_device_of(ids, x) or ids
+    scale_t = on_device_of(scale_t, x) or scale_t
     x2 = x.reshape(-1, d_in)
     if use_triton(x, weight, bias, lora_a, lora_b, rank=r):
         y, t = kernel_module("lora").forward(x2, weight, bias, lora_a, lora_b, scale, scale_t, ids)
         return y.view(*x.shape[:-1], d_out), t
-    c = compute_dtype(x)
-    xc = x2.to(c)
-    y = F.linear(xc, weight.to(c), None if bias is None else bias.to(c))
-    t = torch.zeros((x2.shape[0], r), dtype=c, device=x.device)
-    for a in range(adapters):
-        rows = _rows(ids, a)
-        if rows.numel() == 0:
-            continue
-        t[rows] = F.linear(xc[rows], lora_a[a].to(c))
-        y[rows] += _adapter_scale(scale, scale_t, a, c) * F.linear(t[rows], lora_b[a].to(c))
+    c = compute_dtype(x)  # reference.lora_multi_parts in fp32 (fp64 for fp64 inputs)
+    y, t = reference.lora_multi_parts(
+        *upcast(c, x2), ids, *upcast(c, weight, bias, lora_a, lora_b), _bank_scale_c(scale, scale_t, c)
+    )
     return y.to(x.dtype).view(*x.shape[:-1], d_out), t.to(saved_dtype(x))
 
 
@@ -311,12 +305,16 @@ def lora_multi_bwd_op(
     """(dx, dW, db, dA bank, dB bank, d scale_t); entries not requested are empty tensors."""
     d_in, d_out, r = x.shape[-1], weight.shape[0], lora_a.shape[1]
     dy2, x2 = dy.reshape(-1, d_out).to(x.dtype), x.reshape(-1, d_in)
+    home = None if scale_t is None else scale_t.device  # d scale_t goes back there
+    ids = on_device_of(ids, x) or ids
+    scale_t = on_device_of(scale_t, x) or scale_t
     if use_triton(x, weight, lora_a, lora_b, rank=r):
         out = kernel_module("lora").backward(
             dy2, x2, weight, lora_a, lora_b, t, scale, scale_t, need_dx, need_dw, need_lora, need_dscale, ids
         )
     else:
         out = reference.lora_multi_bwd_ref(dy2, x2, ids, weight, lora_a, lora_b, t, scale, scale_t)
+    out = (*out[:5], None if out[5] is None else out[5].to(home))
     return lora_bwd_outputs(x, *out, need_dx, need_dw, need_lora, need_dscale)
 
 

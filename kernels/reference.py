@@ -62,7 +62,25 @@ def activation_grad(h: Tensor, act: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Forward references.
+# Forward references. Each ``*_ref`` has a ``*_parts`` twin that also returns the [N, r] intermediate the fused op
+# saves for backward (h or t): the ops' fallback path runs exactly these.
+def bottleneck_parts(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Tensor | None,
+    w_up: Tensor,
+    b_up: Tensor | None,
+    scale: float | Tensor = 1.0,
+    act: str = "relu",
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(y, h) with h = x·Wdᵀ + bd the pre-activation and y = r + s·(act(h)·Wuᵀ + bu)."""
+    h = F.linear(x, w_down, b_down)
+    a = F.linear(activation(h, act), w_up, b_up)
+    r = x if residual is None else residual
+    return r + scale * a, h
+
+
 def bottleneck_ref(
     x: Tensor,
     w_down: Tensor,
@@ -74,10 +92,20 @@ def bottleneck_ref(
     residual: Tensor | None = None,
 ) -> Tensor:
     """y = r + s·(act(x·Wdᵀ + bd)·Wuᵀ + bu), r = ``residual`` if given else x. ``scale``: float, scalar or [d]."""
-    h = F.linear(x, w_down, b_down)
-    a = F.linear(activation(h, act), w_up, b_up)
-    r = x if residual is None else residual
-    return r + scale * a
+    return bottleneck_parts(x, w_down, b_down, w_up, b_up, scale, act, residual)[0]
+
+
+def lora_parts(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float | Tensor = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(y, t) with t = x·Aᵀ and y = x·Wᵀ + b + s·t·Bᵀ."""
+    t = F.linear(x, lora_a)
+    return F.linear(x, weight, bias) + scale * F.linear(t, lora_b), t
 
 
 def lora_ref(
@@ -89,7 +117,7 @@ def lora_ref(
     scale: float | Tensor = 1.0,
 ) -> Tensor:
     """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ."""
-    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+    return lora_parts(x, weight, bias, lora_a, lora_b, scale)[0]
 
 
 def _adapter_scale(scale: float | Tensor | None, a: int) -> float | Tensor:
@@ -98,6 +126,45 @@ def _adapter_scale(scale: float | Tensor | None, a: int) -> float | Tensor:
     if isinstance(scale, Tensor):
         return scale.reshape(-1)[a if scale.numel() > 1 else 0]  # per-adapter [A], or one scalar for all
     return scale
+
+
+def _bank(t: Tensor | None, a: int) -> Tensor | None:
+    return None if t is None else t[a]
+
+
+def bottleneck_multi_parts(
+    x2: Tensor,
+    ids: Tensor,
+    w_down: Tensor,
+    b_down: Tensor | None,
+    w_up: Tensor,
+    b_up: Tensor | None,
+    scale: float | Tensor | None = None,
+    act: str = "relu",
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(y, h) over flat rows ``x2 [N, d]`` with one id per row: :func:`bottleneck_parts` once per adapter on its
+    rows; −1 rows get y = r and h = 0. Out of place, so autograd sees every adapter's rows."""
+    r2 = x2 if residual is None else residual
+    y = r2
+    h = x2.new_zeros((x2.shape[0], w_down.shape[1]))
+    for a in range(w_down.shape[0]):
+        rows = (ids == a).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        ya, ha = bottleneck_parts(
+            x2[rows],
+            w_down[a],
+            _bank(b_down, a),
+            w_up[a],
+            _bank(b_up, a),
+            _adapter_scale(scale, a),
+            act,
+            r2[rows],
+        )
+        y = y.index_put((rows,), ya)
+        h = h.index_put((rows,), ha)
+    return y, h
 
 
 def bottleneck_multi_ref(
@@ -118,25 +185,31 @@ def bottleneck_multi_ref(
     """
     d = x.shape[-1]
     ids = expand_ids(adapter_ids, x.shape[:-1]).to(x.device)
-    x2 = x.reshape(-1, d)
-    r2 = x2 if residual is None else residual.reshape(-1, d)
-    y = r2
-    for a in range(w_down.shape[0]):
+    r2 = None if residual is None else residual.reshape(-1, d)
+    y, _ = bottleneck_multi_parts(x.reshape(-1, d), ids, w_down, b_down, w_up, b_up, scale, act, r2)
+    return y.reshape(x.shape)
+
+
+def lora_multi_parts(
+    x2: Tensor,
+    ids: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(y, t) over flat rows with one id per row; −1 rows: base output, t = 0."""
+    y = F.linear(x2, weight, bias)
+    t = x2.new_zeros((x2.shape[0], lora_a.shape[1]))
+    for a in range(lora_a.shape[0]):
         rows = (ids == a).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        ya = bottleneck_ref(
-            x2[rows],
-            w_down[a],
-            None if b_down is None else b_down[a],
-            w_up[a],
-            None if b_up is None else b_up[a],
-            _adapter_scale(scale, a),
-            act,
-            residual=r2[rows],
-        )
-        y = y.index_put((rows,), ya)  # out of place, so autograd sees every adapter's rows
-    return y.reshape(x.shape)
+        ta = F.linear(x2[rows], lora_a[a])
+        y = y.index_put((rows,), y[rows] + _adapter_scale(scale, a) * F.linear(ta, lora_b[a]))
+        t = t.index_put((rows,), ta)
+    return y, t
 
 
 def lora_multi_ref(
@@ -152,14 +225,7 @@ def lora_multi_ref(
     ``lora_b [A, d_out, r]``, ``scale [A]`` or float. Runs :func:`lora_ref`'s low-rank term once per adapter."""
     d_in = x.shape[-1]
     ids = expand_ids(adapter_ids, x.shape[:-1]).to(x.device)
-    x2 = x.reshape(-1, d_in)
-    y = F.linear(x2, weight, bias)
-    for a in range(lora_a.shape[0]):
-        rows = (ids == a).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        delta = _adapter_scale(scale, a) * F.linear(F.linear(x2[rows], lora_a[a]), lora_b[a])
-        y = y.index_put((rows,), y[rows] + delta)
+    y, _ = lora_multi_parts(x.reshape(-1, d_in), ids, weight, bias, lora_a, lora_b, scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -15,8 +15,9 @@ PYTHON="${PYTHON:-python3}"
 
 TORCH_VERSION="2.13.0"
 PEFT_VERSION="0.21.2"
-# The CPU test tier runs the Triton kernels in Triton's interpreter; 3.7.1 is the version it is tested with
-# (triton 3.9.0's interpreter rejects some of the kernels' load/store masks: "mask has unsupported dtype").
+# The CPU test tier runs the Triton kernels in Triton's interpreter. 3.7.1 here; the newest supported Triton (3.9)
+# runs the interpreter tier in .venv-triton-new (scripts/make_triton_new_venv.sh), and the compile check's committed
+# results (tests/kernels/compile_cache.json) are keyed by this version.
 TRITON_VERSION="3.7.1"
 # Quantized bases (tests/test_quantized.py, docs/quantized.md): torchao 0.18.0 is the newest release and runs its
 # weight-only int8/intx paths on torch 2.13 CPU (its CUDA extensions are skipped with a logged note);

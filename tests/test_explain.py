@@ -48,7 +48,7 @@ def test_verbose_shows_rejected_candidates_and_leaf_calls():
     layer = loud.layers[0]
     # RoPE's adds (q·cos + rotate(q)·sin) are residual-looking adds that are not sites; the report says why
     assert any(
-        name.startswith("add") and "neither operand comes from a Linear-like or attention call" in why
+        name.startswith("add") and "neither operand is the residual stream" in why
         for name, why in layer.rejected
     )
     assert "self_attn.q_proj (Linear)" in layer.calls
@@ -57,7 +57,7 @@ def test_verbose_shows_rejected_candidates_and_leaf_calls():
 
 
 def test_verbose_lists_projections_without_a_role():
-    model = make_model("deberta-v2")  # its attention output projection is not found by data flow on 5.x
+    model = make_model("deberta-v2")  # its relative-position projection has no attention/feed-forward role
     layer = fxadapt.explain(model, verbose=True).layers[0]
     unnamed = [(c, why) for c, why in layer.rejected if "linear:" in why]
     assert unnamed, layer.rejected

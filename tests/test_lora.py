@@ -369,7 +369,7 @@ def test_missing_site_and_pattern_leave_model_unchanged():
     snap.assert_unchanged()
     with pytest.raises(
         fxadapt.SiteNotFoundError,
-        match=r"\['qeury'\] not found in the blocks \(BertLayer\) of BertModel; they have",
+        match=r"target_modules \['qeury'\] not found in BertModel; it has the module sites",
     ) as exc:
         fxadapt.inject(model, {"b": fxadapt.LoRAConfig(target_modules=["qeury", "value"])})
     for kind in ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down"):

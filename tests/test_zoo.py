@@ -109,7 +109,11 @@ def test_zoo(entry):
     else:
         fxadapt.inject(model, {"l": "lora"})
         placements = get_state(model).adapters["l"].placements
-        assert all(set(placements.get(i, ())) == {"attn.q", "attn.v"} for i in range(len(paths))), placements
+        for i, path in enumerate(paths):  # cross-attention too where a block has one (as in both peers)
+            want = {"attn.q", "attn.v"} | (
+                {"cross.q", "cross.v"} if "cross.out" in _expected_sites(entry, path) else set()
+            )
+            assert set(placements.get(i, ())) == want, (path, placements)
         assert torch.equal(_run(model, inputs), expected)
         _set(model, "l", "lora_B", 0.2)
         assert not torch.allclose(_run(model, inputs), expected, atol=1e-5)

@@ -12,10 +12,10 @@ import operator
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
 from ..compose import Composer, Fuse, PerRow, check_size, compose
 from ..errors import CompositionError, ConfigError
+from ..lowering import fused_bottleneck, per_row_bottleneck, why_not_fused
 from ..routing import current_ids
 
 __all__ = ["compose_bottleneck_site", "weighted_mean"]
@@ -97,7 +97,7 @@ class _BottleneckComposer(Composer[_State]):
         args = (state.hidden, state.residual)
         node_name = ref.node_name(self.site.kind)
         if self.e.lower and not self._fuse_depth:
-            why = _not_fusable(ref.config)
+            why = why_not_fused(self.e.root.get_submodule(ref.target), x_dtype=self.e.dtype)
             if why is None:
                 module = self.e.attr(ref.target)
                 out = self.e.function(fused_bottleneck, (module, *args))
@@ -191,60 +191,6 @@ class _BottleneckComposer(Composer[_State]):
         return value if k == 1 else self.e.function(operator.mul, (value, k))
 
 
-_KERNEL_ACTS = {
-    "relu": "relu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "swish": "silu",
-    "silu": "silu",
-    "tanh": "tanh",
-    "identity": "identity",
-    "linear": "identity",
-}
-
-
-def _not_fusable(config: Any) -> str | None:
-    """Why the fused kernel cannot compute this adapter (None: it can)."""
-    if config.phm_layer:
-        return "PHM (Compacter) projections are not part of the fused kernel"
-    if config.use_gating:
-        return "the adapter gate (use_gating) is not part of the fused kernel"
-    if config.stochastic_depth > 0 and not config.is_parallel:
-        return f"drop path (stochastic_depth={config.stochastic_depth}) is not part of the fused kernel"
-    if config.ln_before or config.ln_after:
-        return "ln_before/ln_after are not part of the fused kernel"
-    if config.dropout > 0:
-        return f"adapter dropout {config.dropout} is not part of the fused kernel"
-    if config.non_linearity.lower() not in _KERNEL_ACTS:
-        return (
-            f"activation {config.non_linearity!r} has no fused kernel (kernels: {sorted(set(_KERNEL_ACTS))})"
-        )
-    return None
-
-
-def fused_bottleneck(module: Any, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """The adapter's output through the fused kernel op (``fxadapt.kernels.bottleneck``): same math as the module."""
-    from ..kernels import bottleneck
-
-    act = _KERNEL_ACTS[_act_name(module)]
-    res = residual if not module.parallel else torch.zeros_like(z)
-    return bottleneck(
-        z,
-        module.down.weight,
-        module.down.bias,
-        module.up.weight,
-        module.up.bias,
-        scale=module.scaling,
-        act=act,
-        residual=res,
-    )
-
-
-def _act_name(module: Any) -> str:
-    return module.act_name
-
-
 def _residual_input(e, site, refs) -> Any:
     """The site's residual input as a node (None where it has none), checked against the adapters' needs.
 
@@ -314,73 +260,6 @@ def route_ids(ids: torch.Tensor, present: tuple[bool, ...]) -> torch.Tensor:
         return ids
     lookup = torch.tensor([*table, -1], device=ids.device)  # index -1 → the trailing -1
     return lookup[ids]
-
-
-def per_row_bottleneck(
-    z: torch.Tensor, residual: torch.Tensor | None, ids: torch.Tensor, modules: list
-) -> torch.Tensor:
-    """Row ``i`` of the output is adapter ``ids[i]``'s output (``residual``, or 0, for ``-1``)."""
-    from ..kernels import bottleneck_multi
-
-    first = modules[0]
-    fused = (
-        all(m.plain for m in modules)
-        and all(m.norm_before is None and m.norm_after is None for m in modules)
-        and all(m.down.out_features == first.down.out_features for m in modules)
-        and len({type(m.act) for m in modules}) == 1
-        and _kernel_act(first.act) is not None
-        and all(not isinstance(m.scaling, torch.Tensor) or m.scaling.numel() == 1 for m in modules)
-        and not (first.training and any(m.dropout.p > 0 for m in modules))
-    )
-    if not fused:
-        return _per_row_loop(z, residual, ids, modules)
-    scale = torch.stack(
-        [
-            m.scaling.reshape(()) if isinstance(m.scaling, torch.Tensor) else torch.tensor(float(m.scaling))
-            for m in modules
-        ]
-    ).to(z.device, torch.float32)
-    return bottleneck_multi(
-        z,
-        ids,
-        torch.stack([m.down.weight for m in modules]),
-        torch.stack([m.down.bias for m in modules]),
-        torch.stack([m.up.weight for m in modules]),
-        torch.stack([m.up.bias for m in modules]),
-        scale=scale,
-        act=_kernel_act(first.act),
-        residual=residual if residual is not None else torch.zeros_like(z),
-    )
-
-
-def _kernel_act(act: nn.Module) -> str | None:
-    from transformers.activations import GELUActivation, NewGELUActivation, SiLUActivation
-
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    if isinstance(act, (nn.SiLU, SiLUActivation)):
-        return "silu"
-    if isinstance(act, NewGELUActivation):
-        return "gelu_tanh"
-    if isinstance(act, (GELUActivation,)) or (isinstance(act, nn.GELU) and act.approximate == "none"):
-        return "gelu"
-    if isinstance(act, nn.Tanh):
-        return "tanh"
-    if isinstance(act, nn.Identity):
-        return "identity"
-    return None
-
-
-def _per_row_loop(
-    z: torch.Tensor, residual: torch.Tensor | None, ids: torch.Tensor, modules: list
-) -> torch.Tensor:
-    out = residual.clone() if residual is not None else torch.zeros_like(z)
-    for i, module in enumerate(modules):
-        rows = (ids == i).nonzero(as_tuple=True)[0]
-        if rows.numel():
-            res = residual.index_select(0, rows) if residual is not None else None
-            out = out.index_copy(0, rows, module(z.index_select(0, rows), res))
-    return out
 
 
 def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..compose import Composer
 from ..errors import CompositionError, ConfigError, SiteNotFoundError, nearest
+from ..lowering import lower_projection, why_not_fused
 from ..sites import MODULE_SITE_KINDS
 from .base import AdapterConfig, Method, register_method, register_preset
 
@@ -83,8 +84,8 @@ class LoRAConfig(AdapterConfig):
             ``"peft"`` (``from_peft`` sets it). Plain LoRA and (IA)^3 are the same in both.
         cross_attention: an ``attn.<m>`` site also adapts the same projection of the cross-attention
             (``cross.<m>``) where a layer has one, as both peers do (AdapterHub's ``selfattn_lora`` and PEFT's
-            ``target_modules=["q", "v"]`` reach every attention module of encoder-decoder models); False adapts
-            the self-attention only.
+            ``target_modules=["q", "v"]`` reach every attention module of encoder-decoder models). Default: True
+            for the default sites, False when ``sites`` are named (name ``cross.<m>`` to add them).
         use_gating: AdapterHub's gated LoRA (UniPELT): the update ``B A x`` times ``g = mean over positions of
             sigmoid(gate(x))`` (``gate: Linear(in, 1)``) *instead of* the scaling ``s``, as AdapterHub computes it.
     """
@@ -106,7 +107,7 @@ class LoRAConfig(AdapterConfig):
     vera_b: float | None = None
     variant: str = "adapterhub"
     use_gating: bool = False
-    cross_attention: bool = True
+    cross_attention: bool | None = None
 
     def _fail(self, field: str, value: Any, expected: str, choices: Any = ()) -> None:
         raise ConfigError(
@@ -116,6 +117,8 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         fail = self._fail
+        if self.cross_attention is None:  # the default sites follow the peers; named sites are taken as named
+            object.__setattr__(self, "cross_attention", self.sites is None and self.target_modules is None)
         sites = _as_tuple(self.sites)
         targets = _as_tuple(self.target_modules)
         if targets is not None:
@@ -333,6 +336,7 @@ class LoRAConfig(AdapterConfig):
             sites.append("ffn.down")
         kwargs = dict(
             sites=tuple(sites),
+            cross_attention=True,  # AdapterHub's selfattn_lora reaches every attention module, cross ones too
             r=data.get("r", 8),
             alpha=data.get("alpha", 8),
             dropout=data.get("dropout", 0.0),
@@ -710,6 +714,11 @@ class LoRAMethod(Method):
 
     def rewrite(self, emitter, site, target, config):  # type: ignore[override]
         e = emitter
+        if e.lower:  # fused kernels serve this call (CUDA, or the forced interpreter): see fxadapt.lowering
+            if config.composition_mode == "add" and lower_projection(e, site, target):
+                return
+            if config.composition_mode == "scale":
+                e.notes.append(f"{e.name}: not lowered: {why_not_fused(e.root.get_submodule(target))}")
         call = _graph_node(e, site.node)
         module = e.root.get_submodule(target)
         if getattr(module, "scales_input", False):  # PEFT's feed-forward (IA)^3: W (x ⊙ l) + b

@@ -68,7 +68,7 @@ def not_fusable(modules: list[nn.Module], projection: nn.Module, training: bool)
 
 def compose_per_row(emitter: Any, site: Any, setup: Any, plan: Any) -> None:
     """Emit the per-row op at a projection site for the PerRow ``setup``."""
-    from .bottleneck import route_ids
+    from .bottleneck_compose import route_ids
     from .lora import _call_input, _graph_node
 
     e = emitter

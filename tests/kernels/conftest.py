@@ -18,9 +18,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fxadapt.kernels as K
 import pytest
 from kernel_helpers import triton_runnable
+
+import fxadapt.kernels as K
 
 
 @pytest.fixture(autouse=True)

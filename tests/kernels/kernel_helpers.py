@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-import fxadapt.kernels as K
 import torch
 from hypothesis import Phase, settings
+
+import fxadapt.kernels as K
 
 #: (rtol, atol) per dtype against the fp64 reference — the one tolerance table of the kernel tier (DESIGN §6).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

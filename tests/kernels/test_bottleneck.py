@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
-from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -20,6 +18,9 @@ from kernel_helpers import (
     cycle,
     kernel_settings,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
 
 SIZES_N, SIZES_D, SIZES_R = (1, 7, 129, 1151), (64, 200, 768), (1, 8, 24, 64)
 
@@ -39,6 +40,7 @@ def _cases() -> list:
     shapes = [
         (1, 64, 1), (1, 768, 64), (7, 200, 8), (7, 64, 24), (129, 768, 1), (129, 64, 64),
         (1151, 768, 64), (1151, 200, 1), (1151, 64, 8), (7, 768, 24), (1151, 768, 24),
+        (7, 64, 200), (33, 200, 256), (129, 64, 130),  # rank tiers 128 and 256 (the launch that used to fail)
     ]  # fmt: skip
     for i, (n, d, r) in enumerate(shapes):
         opts = {

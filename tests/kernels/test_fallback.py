@@ -9,12 +9,9 @@ import subprocess
 import sys
 import textwrap
 
-import fxadapt.kernels as K
 import kernel_helpers
 import pytest
 import torch
-from fxadapt.kernels import reference as R
-from fxadapt.kernels._common import build_schedule
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -28,6 +25,10 @@ from kernel_helpers import (
     lora_args,
     lora_bank_args,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
+from fxadapt.kernels._common import build_schedule
 
 NEEDS_TRITON = False  # these tests choose their own backend (see conftest)
 
@@ -238,3 +239,39 @@ def test_schedule_covers_every_row_once_in_single_adapter_blocks(ids, adapters, 
     for g in range(adapters + 1):
         start, count = int(s.seg_start[g]), int(s.seg_count[g])
         assert sorted(s.perm[start : start + count].tolist()) == [i for i, v in enumerate(ids) if v == g - 1]
+
+
+def test_validate_ids_and_check_mode(monkeypatch):
+    """validate_ids (for ids made on the host) raises with the bad id; FXADAPT_CHECK_IDS is validated."""
+    K.validate_ids(torch.tensor([-1, 0, 2]), 3)
+    K.validate_ids(torch.empty(0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="adapter id -2 out of range"):
+        K.validate_ids(torch.tensor([0, -2]), 3)
+    with pytest.raises(ValueError, match="adapter id 3 out of range"):
+        K.validate_ids(torch.tensor([3]), 3)
+    from fxadapt.kernels._common import ids_check_mode
+
+    assert ids_check_mode() == "async"
+    monkeypatch.setenv("FXADAPT_CHECK_IDS", "Sync")
+    assert ids_check_mode() == "sync"
+    monkeypatch.setenv("FXADAPT_CHECK_IDS", "later")
+    with pytest.raises(ValueError, match="FXADAPT_CHECK_IDS='later'"):
+        ids_check_mode()
+
+
+def test_configs_cover_every_rank_tier_on_every_target():
+    """Every launcher config exists for every rank tier, dtype and target tier (the compile check compiles them);
+    the persistent grid never exceeds the row blocks, and the fp32 tables use one config (no autotuning)."""
+    from fxadapt.kernels import _configs
+    from fxadapt.kernels._common import KNOWN_TARGETS
+
+    for tgt in KNOWN_TARGETS.values():
+        for r in (1, 16, 17, 64, 100, 256):
+            for elem in (2, 4):
+                cands = _configs.row_candidates(tgt, 8192, 4096, r, elem)
+                assert cands and (elem == 2 or len(cands) == 1)
+                for cfg in cands:
+                    progs = _configs.row_programs(tgt, cfg, -(-8192 // cfg["BM"]), 4096, elem)
+                    assert 1 <= progs <= -(-8192 // cfg["BM"])
+                assert _configs.col_config(tgt, 8192, 4096, r, elem, 1, 1)["SPLIT"] >= 1
+                assert _configs.outer_config(tgt, 8192, 4096, r, elem, 1, 1)["SPLIT"] >= 1

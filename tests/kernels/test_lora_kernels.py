@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
-from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -18,6 +16,9 @@ from kernel_helpers import (
     kernel_settings,
     lora_args,
 )
+
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
 
 
 def _cases() -> list:
@@ -33,6 +34,7 @@ def _cases() -> list:
     shapes = [
         (1, 64, 768, 1), (7, 768, 200, 8), (129, 768, 768, 64), (1151, 768, 64, 24),
         (1151, 200, 200, 64), (1151, 64, 768, 1), (7, 200, 64, 24), (1, 768, 768, 8),
+        (33, 64, 48, 200), (7, 200, 64, 256),  # rank tiers 128..256
     ]  # fmt: skip
     for i, (n, d_in, d_out, r) in enumerate(shapes):
         opts = {

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
-from fxadapt.kernels import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_helpers import (
@@ -20,6 +18,9 @@ from kernel_helpers import (
     lora_bank_args,
 )
 
+import fxadapt.kernels as K
+from fxadapt.kernels import reference as R
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Against the fp64 reference (which itself runs each adapter separately on its rows).
@@ -31,6 +32,7 @@ def _bn_cases() -> list:
         (1, 200, 8, 2),
         (1151, 64, 8, 1),
         (129, 200, 1, 64),
+        (65, 64, 160, 3),  # rank tier 256
     ]
     cases = []
     for i, (n, d, r, a) in enumerate(shapes):

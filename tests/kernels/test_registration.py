@@ -3,10 +3,11 @@ a module calling all four public ops (0 graph breaks, the ops stay opaque nodes,
 
 from __future__ import annotations
 
-import fxadapt.kernels as K
 import pytest
 import torch
 from kernel_helpers import DEVICE, Maker, assert_close
+
+import fxadapt.kernels as K
 
 # Inductor's CPU path touches torch.jit internally, which warns on every compile; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
