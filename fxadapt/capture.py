@@ -122,7 +122,7 @@ class Capture:
             return False
         for (path, name), value in self.reads:
             module = layer.get_submodule(path) if path else layer
-            if module.__dict__.get(name, _MISSING) != value:
+            if value != module.__dict__.get(name, _MISSING):  # value first: ANY_INT compares by type
                 return False
         return True
 
@@ -321,6 +321,7 @@ class _preserved_rng:
 _VERIFY_SEED = 1234
 
 
+@traced  # its copies of opaque inputs use the tracing thread's Tensor.__deepcopy__ (tracing.py)
 def verify_shared(
     layer: nn.Module, orig_forward: Callable[..., Any], capture: Capture, args: tuple, kwargs: dict
 ):

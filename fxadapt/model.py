@@ -7,6 +7,7 @@ carry it. Adapter weights live in each layer under ``fxadapt.<adapter>.<site_key
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from .calls import using
 from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer, verify_shared
 from .compose import Block, Fuse, parallel_channels
-from .errors import AdapterNotFoundError, CaptureError, nearest
+from .errors import AdapterNotFoundError, CaptureError, FxAdaptError, nearest
 from .install import LayerState, Siblings, Traced, layer_state
 from .methods.base import AdapterConfig
 from .parts import governing_config
@@ -35,6 +36,7 @@ __all__ = [
     "prime",
 ]
 
+logger = logging.getLogger("fxadapt")
 _MODEL_STATE = "_fxadapt_model"
 CONTAINER = "fxadapt"
 
@@ -254,23 +256,24 @@ def prime_variants(
         if bool((mask != 0).all()):
             other[-1, -2:] = 0  # a padded row
         batches.append({**inputs, "attention_mask": other})
-    calls = [(batch, training) for batch in batches for training in (False, True)][
-        1:
-    ]  # [0]: the priming call
     if (
         isinstance(inputs, dict)
         and inputs.get("use_cache") is False
         and not (isinstance(example_inputs, dict) and "use_cache" in example_inputs)
     ):
         # the model's default call builds a KV cache (decoders): its layers get a cache object
-        default = {k: v for k, v in inputs.items() if k != "use_cache"}
-        calls += [(default, False), (default, True)]
+        batches += [{k: v for k, v in b.items() if k != "use_cache"} for b in batches]
+    calls = [(batch, training) for batch in batches for training in (False, True)]
+    calls = calls[1:]  # [0] is the priming call itself
     siblings = Siblings()
     out: list[list[tuple[tuple, Traced]]] = []
     with preserved_buffers(model), using(model, None):
         for batch, training in calls:
-            with _mode(model, training):
-                out.append(_prime(model, layers, batch, siblings))
+            try:
+                with _mode(model, training):
+                    out.append(_prime(model, layers, batch, siblings))
+            except FxAdaptError as exc:  # this kind of call is traced lazily at its first use instead
+                logger.debug("fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc)
     return out
 
 

@@ -282,8 +282,14 @@ class _Layer:
         return [n for n in region if is_attention(self.root, n) or is_attention_softmax(self.root, n)]
 
     def is_cross(self, attention: list[fx.Node]) -> bool:
-        """Keys of every attention in the sublayer come from outside the stream (encoder states, a cache)."""
+        """Keys of every attention in the sublayer come from outside the stream (encoder states, a cache). An
+        opaque attention module is cross-attention when it reads a sequence of other states (a 3-D input that
+        does not come from the stream)."""
         keys = [k for a in attention for k in _key_operands(self.root, a)]
+        for a in attention:
+            if a.op == "call_module":
+                seqs = [t for t in tensor_inputs(a) if len(tensor_shape(t) or ()) == 3]
+                keys += [t for t in seqs if not self.reads_stream(t)] or seqs
         return bool(keys) and not any(self.reads_stream(k) for k in keys)
 
     def producer(self, h: fx.Node) -> str:

@@ -373,8 +373,8 @@ class _LayerTracer(fx.Tracer):
             return value
 
         # tracked attributes evaluate as the plain ints they are: an op using one is not a Python use of it
-        args = fx.node.map_aggregate(fx.node.map_arg(node.args, shadow_of), plain_int)
-        kwargs = fx.node.map_aggregate(fx.node.map_arg(node.kwargs, shadow_of), plain_int)
+        args = fx.node.map_arg(fx.node.map_aggregate(node.args, plain_int), shadow_of)
+        kwargs = fx.node.map_arg(fx.node.map_aggregate(node.kwargs, plain_int), shadow_of)
         try:
             with _maybe_revert_all_patches():
                 if node.op == "get_attr":
@@ -532,6 +532,25 @@ for _name in (
     setattr(TrackedInt, _name, _python_use(_name))
 
 
+class _AnyInt:
+    """Stands for "any int" in a capture's recorded reads (an attribute read only as a run-time lookup)."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is int
+
+    def __ne__(self, other: object) -> bool:
+        return type(other) is not int
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "<any int>"
+
+
+ANY_INT = _AnyInt()
+
+
 def plain_int(value: Any) -> Any:
     return int.__int__(value) if isinstance(value, TrackedInt) else value
 
@@ -581,9 +600,9 @@ class attribute_reads:
                 continue
             key = (paths[i], name)
             if isinstance(v, TrackedInt):
-                if not v.strict:
-                    continue  # only passed to graph ops: a run-time lookup (parametrize), no constraint
-                v = int.__int__(v)
+                # only passed to graph ops: a run-time lookup (parametrize); a sibling needs an int there too
+                # (``is None`` tests on it are baked branches), of any value
+                v = int.__int__(v) if v.strict else ANY_INT
             reads[key] = v
         self.reads = reads
 

@@ -1,0 +1,121 @@
+"""One capture per block class, call variants captured at inject, and torch.compile in any order (issue 14).
+
+References are the untouched model (a deepcopy before inject) and eager calls, never fxadapt itself.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from zoo import main_output, make_inputs, make_model
+
+import fxadapt
+from fxadapt.install import layer_state
+from fxadapt.model import layers_of
+
+
+def _captures(model) -> dict[tuple, set[int]]:
+    """Guard key -> distinct captures over all layers."""
+    out: dict[tuple, set[int]] = {}
+    for layer in layers_of(model)[1]:
+        for key, entries in layer_state(layer).traced.items():
+            out.setdefault(key, set()).update(id(t.capture) for t in entries)
+    return out
+
+
+def _trace_count(model) -> int:
+    return sum(len(v) for v in _captures(model).values())
+
+
+def _zero_up(model, name="a"):
+    with torch.no_grad():
+        for key, p in fxadapt.adapter_parameters(model, name).items():
+            if ".up." in key:
+                p.zero_()
+
+
+def _kinds(model, entry):
+    """The kinds of call a user makes first: padded and unpadded masks, eval and train, the default call."""
+    batch = make_inputs(model, entry)
+    unpadded = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    return [batch, unpadded]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_siblings_share_one_capture_and_stay_exact(model_type):
+    model = make_model(model_type, num_hidden_layers=4)
+    base = copy.deepcopy(model)
+    fxadapt.inject(model, {"a": "double_seq_bn"})
+    assert all(len(c) == 1 for c in _captures(model).values())  # 4 layers, one capture per kind of call
+    _zero_up(model)
+    for inputs in _kinds(model, model_type):
+        for training in (False, True):
+            model.train(training), base.train(training)
+            torch.manual_seed(5)
+            got = main_output(model(**inputs))
+            torch.manual_seed(5)
+            assert torch.equal(got, main_output(base(**inputs)))  # every layer's capture is exact on it
+
+
+def test_layers_that_differ_in_a_baked_constant_get_their_own_capture():
+    """Gemma-2 alternates sliding-window and global layers: the window decides the attention code path."""
+    model = make_model("gemma2", num_hidden_layers=4)
+    base = copy.deepcopy(model)
+    fxadapt.inject(model, {"a": "double_seq_bn"})
+    assert all(len(c) == 2 for c in _captures(model).values())
+    _zero_up(model)
+    inputs = make_inputs(model, "gemma2", seq=9)  # longer than the window (4): the two kinds of layer differ
+    with torch.no_grad():
+        assert torch.equal(main_output(model(**inputs)), main_output(base(**inputs)))
+
+
+def test_layer_index_is_looked_up_not_baked():
+    """The KV cache is indexed by ``self.layer_idx``: decoder layers still share one capture with a cache, and
+    generation (every layer writing its own cache slot) is unchanged by a zero adapter."""
+    model = make_model("llama", num_hidden_layers=4)
+    base = copy.deepcopy(model)
+    fxadapt.inject(model, {"a": "double_seq_bn"})
+    _zero_up(model)
+    inputs = {k: v for k, v in make_inputs(model, "llama").items()}
+    with torch.no_grad():
+        want = base.generate(**inputs, max_new_tokens=4, do_sample=False)
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+    assert all(len(c) == 1 for c in _captures(model).values())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_first_calls_of_the_usual_kinds_trace_nothing(model_type):
+    model = make_model(model_type)
+    fxadapt.inject(model, {"a": "seq_bn"})
+    before = _trace_count(model)
+    for inputs in _kinds(model, model_type):
+        for training in (False, True):
+            model.train(training)
+            with torch.no_grad():
+                model(**inputs)
+                if model_type == "llama":
+                    model(**{**inputs, "use_cache": False})
+    assert _trace_count(model) == before
+
+
+def _graph_breaks(model, inputs) -> tuple[int, int]:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = torch._dynamo.explain(model)(**inputs)
+    return report.graph_count, report.graph_break_count
+
+
+@pytest.mark.parametrize("when", ["after inject", "after explain", "after activate"])
+def test_compile_in_any_order_has_no_graph_break(when):
+    """No eager call first: the compiled region must never meet a lazy build."""
+    model = make_model("bert")
+    fxadapt.inject(model, {"a": "seq_bn", "b": "double_seq_bn"})
+    if when == "after explain":
+        fxadapt.explain(model)
+    if when == "after activate":
+        fxadapt.activate(model, fxadapt.Stack("a", "b"))
+    for inputs in _kinds(model, "bert"):
+        assert _graph_breaks(model, inputs) == (1, 0)
