@@ -209,6 +209,22 @@ def is_projection(root: nn.Module, node: object) -> bool:
     return False
 
 
+def weight_owner(root: nn.Module, node: fx.Node) -> str | None:
+    """Path of the ``nn.Linear`` whose own ``weight`` a traced-through ``F.linear`` call applies untransposed (an
+    ``nn.Linear`` subclass with its own forward, e.g. a wrapper library's linear): the projection module to adapt."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.linear or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight")):
+        return None
+    owner = str(weight.target)[: -len(".weight")]
+    try:
+        module = root.get_submodule(owner)
+    except AttributeError:
+        return None
+    return owner if isinstance(module, nn.Linear) else None
+
+
 def is_weighted(root: nn.Module, node: object) -> bool:
     """A projection, an attention call, or an opaque module call holding a >=2-D parameter."""
     if not isinstance(node, fx.Node):

@@ -86,6 +86,7 @@ def track(
         total=total,
         unit=unit,
         delay=delay,
+        mininterval=0.0,  # items are layers or steps (tens to hundreds): show each, the last one included
         leave=False,
         file=sys.stderr,
         dynamic_ncols=True,

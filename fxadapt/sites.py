@@ -61,6 +61,7 @@ from .graphs import (
     pass_through_input,
     tensor_inputs,
     tensor_shape,
+    weight_owner,
 )
 from .provenance import FEATURES
 
@@ -581,6 +582,8 @@ class _Sites:
         for n in layer.graph.nodes:
             if n.op == "call_module" and is_projection(layer.root, n):
                 self.calls.setdefault(str(n.target), []).append(n.name)
+            elif (owner := weight_owner(layer.root, n)) is not None:
+                self.calls.setdefault(owner, []).append(n.name)
 
     def add(self, kind: str, node: fx.Node, ranges: tuple[tuple[int, int], ...] | None = None) -> None:
         if any(s.kind == kind for s in self.sites):
@@ -592,8 +595,8 @@ class _Sites:
         if ranges is None and key in self.taken:
             return
         self.taken.add(key)
-        module = str(node.target) if node.op == "call_module" else node.name
-        nodes = tuple(self.calls.get(module, [node.name])) if node.op == "call_module" else (node.name,)
+        module = str(node.target) if node.op == "call_module" else weight_owner(self.layer.root, node) or node.name
+        nodes = tuple(self.calls.get(module, [node.name]))
         self.sites.append(ModuleSite(kind, module, node.name, ranges, nodes))
 
 

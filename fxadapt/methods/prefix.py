@@ -43,13 +43,13 @@ class PrefixTuningConfig(AdapterConfig):
         encoder_prefix: prefixes on the encoder's self-attention (encoder-decoder models).
         cross_prefix: prefixes on the cross-attention (encoder-decoder models).
         leave_out: layer indices (over all layer lists) without prefixes.
-        shift_positions: the real tokens' positions start after the prefix (``prefix_length``), as in PEFT, whose
-            prefixes are a pre-filled KV cache: ``position_ids`` are offset by a model pre-hook (the model must take
-            ``position_ids``). Default False (AdapterHub: positions unchanged).
         use_gating: AdapterHub's gated prefixes (UniPELT): per attention call, the prefix keys and values times
             ``g = mean over positions of sigmoid(gate(h))``, ``h`` the attention's input (the input of its first
             projection), ``gate: Linear(hidden, 1)`` (``2``: separate key and value gates, ``shared_gating=False``).
         shared_gating: one gate for keys and values.
+        shift_positions: the real tokens' positions start after the prefix (``prefix_length``), as in PEFT, whose
+            prefixes are a pre-filled KV cache: ``position_ids`` are offset by a model pre-hook (the model must take
+            ``position_ids``). Default False (AdapterHub: positions unchanged).
     """
 
     method = "prefix_tuning"
@@ -62,9 +62,9 @@ class PrefixTuningConfig(AdapterConfig):
     encoder_prefix: bool = True
     cross_prefix: bool = True
     leave_out: tuple[int, ...] = ()
-    shift_positions: bool = False
     use_gating: bool = False
     shared_gating: bool = True
+    shift_positions: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -82,9 +82,9 @@ class PrefixTuningConfig(AdapterConfig):
             "flat",
             "encoder_prefix",
             "cross_prefix",
-            "shift_positions",
             "use_gating",
             "shared_gating",
+            "shift_positions",
         ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "True or False")
@@ -252,6 +252,13 @@ def pad_keys(bias: torch.Tensor | None, prefix: int) -> torch.Tensor | None:
 class PrefixTuningMethod(Method):
     name = "prefix_tuning"
     config_class = PrefixTuningConfig
+    formats = ("fxadapt", "adapterhub", "peft")
+
+    def supported_formats(self, config: AdapterConfig) -> tuple[str, ...]:
+        # PEFT's prefixes are a pre-filled KV cache (positions shifted); AdapterHub has no gate-free form of gates
+        return tuple(
+            f for f in self.formats if f != "peft" or (config.shift_positions and not config.use_gating)
+        )
 
     def site_kinds(self, config: AdapterConfig) -> tuple[str, ...]:
         assert isinstance(config, PrefixTuningConfig)
@@ -379,6 +386,14 @@ def _attention_input_width(layer: nn.Module, scope: str) -> int:
             "the gate could read"
         )
     return projection_features(projections[0][1])[0]
+
+
+def attention_module_path(layer: nn.Module, scope: str) -> str:
+    """Path (in the layer) of the module that owns an attention call's projections: the parent of its first
+    projection (BERT's ``attention.self``, GPT-2's ``attn``), where AdapterHub keeps its prefix gates."""
+    projections = _attention_projections(layer.get_submodule(scope) if scope else layer)
+    inner = projections[0][0].rpartition(".")[0] if projections else ""
+    return ".".join(p for p in (scope, inner) if p)
 
 
 def _attention_input(e: Any, site: Any) -> fx.Node:
