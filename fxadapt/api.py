@@ -139,7 +139,10 @@ def inject(
                 "choose another name or remove it first with fxadapt.remove(model, name)"
             )
     paths, layers = layers_of(model)
-    primed = prime(model, layers, example_inputs)
+    primer = (
+        Siblings()
+    )  # shared by the priming call and its variants (trusted siblings, model.prime_variants)
+    primed = prime(model, layers, example_inputs, primer)
     context = ModelContext(model, paths, layers, primed, example_inputs)
 
     staged: list[tuple[int, str, str, nn.Module]] = []
@@ -153,10 +156,10 @@ def inject(
 
     # the other common kinds of call (mask/no mask, train/eval), captured now: one trace per layer class each
     try:
-        variants = prime_variants(model, layers, example_inputs)
+        variants = prime_variants(model, layers, example_inputs, primer)
     except FxAdaptError:  # traced lazily at the first such call instead
         variants = []
-    siblings = next((ls.siblings for ls in map(layer_state, layers) if ls is not None), None) or Siblings()
+    siblings = next((ls.siblings for ls in map(layer_state, layers) if ls is not None), None) or primer
 
     # commit, with rollback
     new_state = state is None
@@ -173,8 +176,8 @@ def inject(
                 installed_now.append(layer)
             lstate = install(layer, index, model_type_of(model), siblings)
             for key, traced in [primed[index]] + [v[index] for v in variants]:
-                if lstate.find_traced(layer, key, []) is None and not traced.capture.value_guards:
-                    lstate.add_traced(key, traced)
+                if not lstate.traced.get(key) and not traced.capture.value_guards:
+                    lstate.add_traced(layer, key, traced)
             container = layer._modules.get(CONTAINER)
             if container is None:
                 container = nn.ModuleDict()

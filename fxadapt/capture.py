@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +68,7 @@ from .tracer import (
 from .tracing import gate, traced
 
 __all__ = [
+    "VERIFY_SEED",
     "Capture",
     "CaptureFailure",
     "SizeGuardMiss",
@@ -75,6 +78,7 @@ __all__ = [
     "guard_key",
     "layer_signature",
     "record_layer_calls",
+    "seed_rng",
     "trace_layer",
     "unflatten_call",
     "verify_shared",
@@ -106,6 +110,14 @@ class Capture:
     has_opaque_inputs: bool = False  # a cache or other object is among the inputs
     device: torch.device | None = None  # of the first tensor input
     dtype: torch.dtype | None = None
+    # tensor literals of the forward (``torch.tensor(...)`` in its code), held by the layer under unique names
+    constants: tuple[tuple[str, torch.Tensor], ...] = ()
+
+    def adopt(self, layer: nn.Module) -> None:
+        """Give a sibling layer this capture's tensor literals (the code reads them from its ``self``)."""
+        for name, value in self.constants:
+            if name not in layer.__dict__:
+                layer.__dict__[name] = value
 
     def guards_hold(self, layer: nn.Module, leaves: list[Any]) -> bool:
         """Whether the branch flags this capture baked in hold for this call."""
@@ -199,10 +211,14 @@ def trace_layer(
     *,
     max_retries: int = 8,
     verify: str | None = "eager",
+    expected: Any = None,
 ) -> Capture:
     """Trace ``orig_forward(layer, *args, **kwargs)`` into a :class:`Capture`, verified against eager.
 
-    Raises :class:`CaptureError` when the layer cannot be captured (even with leaves) or verification fails.
+    ``verify="eager"`` compares with ``expected`` (the output of this very call, recorded eagerly under the
+    verification seed) or, without it, with a fresh eager call; ``"shadow"`` with the values computed while
+    tracing. Raises :class:`CaptureError` when the layer cannot be captured (even with leaves) or verification
+    fails.
     """
     leaves, in_spec = flatten_call(args, kwargs)
     dynamic = tuple(i for i, v in enumerate(leaves) if _is_dynamic(v))
@@ -234,10 +250,11 @@ def trace_layer(
             return tuple(v for v in out_leaves if isinstance(v, fx.Proxy))
 
         tracer._fn = fn
+        before = set(layer.__dict__)
         try:
             reads = attribute_reads(layer)
             with _TracePatches(script_functions), torch.no_grad(), _preserved_rng(args), state, reads:
-                torch.manual_seed(_VERIFY_SEED)  # shadows draw dropout masks as the verification run will
+                seed_rng(VERIFY_SEED, args)  # shadows draw dropout masks as the verification run will
                 graph = tracer.trace(layer)
         except CaptureFailure as failure:
             last_error = failure
@@ -259,6 +276,7 @@ def trace_layer(
                 out_slots.append(None)
                 consts.append(plain_int(v))
         reads.parametrize(graph, SHADOW)
+        constants = _own_constants(layer, graph, before)
         guards = tuple((_guard_function(graph, node), flag) for node, flag in tracer.value_guards)
         annotate_features(layer, graph, SHADOW)
         traced_out = [v.node.meta.get(SHADOW) if isinstance(v, fx.Proxy) else v for v in out_info["leaves"]]
@@ -285,9 +303,12 @@ def trace_layer(
             has_opaque_inputs=any(not isinstance(leaves[i], torch.Tensor) for i in dynamic),
             device=next((leaves[i].device for i in dynamic if isinstance(leaves[i], torch.Tensor)), None),
             dtype=next((leaves[i].dtype for i in dynamic if isinstance(leaves[i], torch.Tensor)), None),
+            constants=constants,
         )
         if verify:
-            shadow_out = None if verify == "eager" else pytree.tree_unflatten(traced_out, out_info["spec"])
+            shadow_out = (
+                expected if verify == "eager" else pytree.tree_unflatten(traced_out, out_info["spec"])
+            )
             _verify(layer, orig_forward, capture, leaves, args, kwargs, shadow_out)
         return capture
 
@@ -296,6 +317,29 @@ def trace_layer(
         f"could not capture layer {type(layer).__name__}{where}: {last_error}. "
         f"Submodules made opaque so far: {sorted(forced) or 'none'}."
     )
+
+
+_CONSTANT_NAME = re.compile(r"_tensor_constant\d+")
+_CONSTANTS = itertools.count()
+
+
+def _own_constants(
+    layer: nn.Module, graph: fx.Graph, before: set[str]
+) -> tuple[tuple[str, torch.Tensor], ...]:
+    """fx stores the tensor literals it meets as ``_tensor_constantN`` attributes of the traced layer; give them
+    process-unique names (a sibling sharing this capture, or holding constants of its own, cannot collide)."""
+    out = []
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op == "get_attr" and target not in before and _CONSTANT_NAME.fullmatch(target):
+            value = layer.__dict__.pop(target, None)
+            if not isinstance(value, torch.Tensor):
+                continue
+            name = f"_fxadapt_constant{next(_CONSTANTS)}"
+            layer.__dict__[name] = value
+            node.target = name
+            out.append((name, value))
+    return tuple(out)
 
 
 class _preserved_rng:
@@ -318,31 +362,48 @@ class _preserved_rng:
         self._ctx.__exit__(*exc)
 
 
-_VERIFY_SEED = 1234
+VERIFY_SEED = 1234
+
+
+def seed_rng(seed: int, args: Any) -> None:
+    """Seed the generators a layer call draws from: the CPU one and those of the CUDA devices of ``args``
+    (``torch.manual_seed`` seeds every device of every backend: ~100x slower, per layer call)."""
+    torch.default_generator.manual_seed(seed)
+    for t in pytree.tree_leaves(args):
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+            break
 
 
 @traced  # its copies of opaque inputs use the tracing thread's Tensor.__deepcopy__ (tracing.py)
 def verify_shared(
-    layer: nn.Module, orig_forward: Callable[..., Any], capture: Capture, args: tuple, kwargs: dict
+    layer: nn.Module,
+    orig_forward: Callable[..., Any],
+    capture: Capture,
+    args: tuple,
+    kwargs: dict,
+    expected: Any = None,
 ):
-    """Check a capture traced on a sibling layer against this layer's own eager call, bit for bit."""
+    """Check a capture traced on a sibling layer against this layer's own eager call, bit for bit: ``expected``
+    is that call's output when it was recorded (seeded with the verification seed), else it is run now."""
     leaves, _ = flatten_call(args, kwargs)
-    _verify(layer, orig_forward, capture, leaves, args, kwargs)
+    _verify(layer, orig_forward, capture, leaves, args, kwargs, expected)
 
 
 def _verify(layer, orig_forward, capture: Capture, leaves, args, kwargs, expected: Any = None) -> None:
     """The generated code must reproduce, bit for bit, the layer's output on the call it was traced from: from a
     fresh eager call (``expected=None``) or from the real values computed op by op while tracing (cheaper: used
     for captures made lazily at run time)."""
+    capture.adopt(layer)
     run = capture.bind(capture.code())
-    seed = _VERIFY_SEED
+    seed = VERIFY_SEED
     with torch.no_grad(), _preserved_rng(args):
         if expected is None:
-            torch.manual_seed(seed)
+            seed_rng(seed, args)
             call_leaves, structure = flatten_call(args, kwargs)
             eager_args, eager_kwargs = unflatten_call([_shadow_copy(v) for v in call_leaves], structure)
             expected = orig_forward(layer, *eager_args, **eager_kwargs)
-        torch.manual_seed(seed)
+        seed_rng(seed, args)
         flat = [_shadow_copy(v) if i in capture.dynamic else v for i, v in enumerate(leaves)]
         got = run(layer, flat)
     exp_leaves, exp_spec = pytree.tree_flatten(expected)

@@ -90,11 +90,31 @@ class Siblings:
 
     def __init__(self) -> None:
         self.by_key: dict[tuple, list[Traced]] = {}
+        self.origin: dict[int, int] = {}  # id(traced) -> id(the layer it was traced on)
+        # id(layer) -> id(the layer whose capture it was verified to share on its first call, or its own)
+        self.group: dict[int, int] = {}
+        # the priming call's recorded layer calls and outputs (model.prime): its other-mode variant reuses them
+        self.recorded: tuple[dict, dict] | None = None
 
-    def add(self, orig: type, key: tuple, traced: Traced) -> None:
+    def add(self, orig: type, key: tuple, traced: Traced, layer: nn.Module | None = None) -> None:
         entries = self.by_key.setdefault((orig, key), [])
         if all(t is not traced for t in entries):
             entries.append(traced)
+        if layer is not None and id(traced) not in self.origin:
+            self.origin[id(traced)] = id(layer)
+            self.group.setdefault(id(layer), id(layer))
+
+    def shared(self, layer: nn.Module, traced: Traced) -> None:
+        """``layer`` was verified bit-exactly to compute what ``traced``'s origin layer computes."""
+        origin = self.origin.get(id(traced))
+        if origin is not None:
+            self.group.setdefault(id(layer), origin)
+
+    def trusted(self, layer: nn.Module, traced: Traced) -> bool:
+        """Whether ``layer`` already shares a verified capture with the layer ``traced`` was traced on (for another
+        kind of call): the same structure, attributes and code, checked once; no second eager check needed."""
+        origin = self.origin.get(id(traced))
+        return origin is not None and self.group.get(id(layer)) == origin
 
     def find(self, orig: type, key: tuple, layer: nn.Module, leaves: list[Any]) -> Traced | None:
         entries = self.by_key.get((orig, key), ())
@@ -169,11 +189,12 @@ class LayerState:
             self.compiled.pop(next(iter(self.compiled)), None)
         return self.compiled.setdefault(key, {})
 
-    def add_traced(self, key: tuple, traced: Traced) -> None:
+    def add_traced(self, layer: nn.Module, key: tuple, traced: Traced) -> None:
+        traced.capture.adopt(layer)
         entries = self.traced.setdefault(key, [])
         if all(t is not traced for t in entries):
             entries.append(traced)
-        self.siblings.add(self.orig_class, key, traced)
+        self.siblings.add(self.orig_class, key, traced, layer)
 
     def find_traced(
         self, layer: nn.Module, key: tuple, leaves: list[Any], exclude: tuple[Capture, ...] = ()
@@ -200,16 +221,18 @@ class LayerState:
             with preserved_buffers(layer):
                 traced = self.siblings.find(self.orig_class, key, layer, leaves)
                 if traced is not None and not any(c is traced.capture for c in exclude):
-                    try:
-                        verify_shared(layer, self.orig_class.forward, traced.capture, args, kwargs)
-                    except CaptureError:
-                        traced = None
+                    if not self.siblings.trusted(layer, traced):  # shares its origin's captures, checked once
+                        try:
+                            verify_shared(layer, self.orig_class.forward, traced.capture, args, kwargs)
+                            self.siblings.shared(layer, traced)
+                        except CaptureError:
+                            traced = None
                 else:
                     traced = None
                 if traced is None:
                     capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
                     traced = Traced(capture, find_sites(layer, capture.graph, self.model_type))
-            self.add_traced(key, traced)
+            self.add_traced(layer, key, traced)
         return traced
 
     def runner_for(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .graphs import is_norm
@@ -76,21 +77,34 @@ def _wraps_blocks(element: nn.Module) -> bool:
 
 
 def record_layer_calls(
-    model: nn.Module, layers: list[nn.Module], run: Callable[[], Any]
+    model: nn.Module,
+    layers: list[nn.Module],
+    run: Callable[[], Any],
+    outputs: dict[int, Any] | None = None,
+    seed: Callable[[tuple], None] | None = None,
 ) -> dict[int, tuple[tuple, dict]]:
     """Run ``run()`` once and return, per layer (by ``id``), the (args, kwargs) of its first call.
 
     Calls are recorded at the layer's ``forward`` (an instance attribute for the duration), so a parent that
-    calls ``layer.forward(...)`` directly (SqueezeBERT) is seen as well as ``layer(...)``."""
+    calls ``layer.forward(...)`` directly (SqueezeBERT) is seen as well as ``layer(...)``. With ``outputs``, the
+    first call of each layer runs right after ``seed(args)`` and its output (tensors copied) is stored there:
+    the eager reference a capture of that call is verified against, without running the layer again."""
     calls: dict[int, tuple[tuple, dict]] = {}
     saved: list[tuple[nn.Module, Any]] = []
     me = threading.get_ident()
 
     def recorder(layer: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         def forward_and_record(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == me and id(layer) not in calls:  # serve: not another thread's call
-                calls[id(layer)] = _snapshot(args, dict(kwargs))
-            return forward(*args, **kwargs)
+            if threading.get_ident() != me or id(layer) in calls:  # serve: not another thread's call
+                return forward(*args, **kwargs)
+            calls[id(layer)] = _snapshot(args, dict(kwargs))
+            if outputs is None:
+                return forward(*args, **kwargs)
+            if seed is not None:
+                seed(args)
+            out = forward(*args, **kwargs)
+            outputs[id(layer)] = pytree.tree_map_only(torch.Tensor, torch.clone, out)
+            return out
 
         return forward_and_record
 

@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from .calls import using
-from .capture import find_layer_lists, flatten_call, guard_key, record_layer_calls, trace_layer, verify_shared
+from .capture import (
+    VERIFY_SEED,
+    find_layer_lists,
+    flatten_call,
+    guard_key,
+    record_layer_calls,
+    seed_rng,
+    trace_layer,
+    verify_shared,
+)
 from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, FxAdaptError, nearest
 from .install import LayerState, Siblings, Traced, layer_state
@@ -227,7 +236,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def prime(
-    model: nn.Module, layers: list[nn.Module], example_inputs: Any = None
+    model: nn.Module, layers: list[nn.Module], example_inputs: Any = None, siblings: Siblings | None = None
 ) -> list[tuple[tuple, Traced]]:
     """Run one forward on example inputs; trace every layer on the call it received. Returns (key, traced).
 
@@ -237,17 +246,18 @@ def prime(
     # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
     # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
     with preserved_buffers(model), using(model, None):
-        return _prime(model, layers, inputs, Siblings())
+        return _prime(model, layers, inputs, Siblings() if siblings is None else siblings)
 
 
 def prime_variants(
-    model: nn.Module, layers: list[nn.Module], example_inputs: Any = None
+    model: nn.Module, layers: list[nn.Module], example_inputs: Any = None, siblings: Siblings | None = None
 ) -> list[list[tuple[tuple, Traced]]]:
     """Captures of the other kinds of call a model commonly sees next, made now so that no first call pays for
     tracing: the batch with an all-ones mask when the priming one has padding (transformers then passes no mask
     to the layers) and the other way round, both in training mode, and the model's default call with its KV
     cache (decoders). One trace per layer class each. The priming forwards run the whole model in each mode
-    (with its buffers preserved)."""
+    (with its buffers preserved). ``siblings``: those of the priming call; a layer verified there to share a
+    sibling's capture shares that sibling's captures of these calls too (no second eager check)."""
     inputs = prepare_inputs(model, example_inputs)
     batches = [inputs]
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
@@ -260,28 +270,62 @@ def prime_variants(
         isinstance(inputs, dict)
         and inputs.get("use_cache") is False
         and not (isinstance(example_inputs, dict) and "use_cache" in example_inputs)
+        and _generates(model)
     ):
         # the model's default call builds a KV cache (decoders): its layers get a cache object
         batches += [{k: v for k, v in b.items() if k != "use_cache"} for b in batches]
-    calls = [(batch, training) for batch in batches for training in (False, True)]
-    calls = calls[1:]  # [0] is the priming call itself
-    siblings = Siblings()
+    siblings = Siblings() if siblings is None else siblings
+    primary = model.training
     out: list[list[tuple[tuple, Traced]]] = []
     with preserved_buffers(model), using(model, None):
-        for batch, training in calls:
-            try:
-                with _mode(model, training):
-                    out.append(_prime(model, layers, batch, siblings))
-            except FxAdaptError as exc:  # this kind of call is traced lazily at its first use instead
-                logger.debug("fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc)
+        for n, batch in enumerate(batches):
+            # the other mode reuses this batch's recorded layer calls (same arguments, another mode flag): one
+            # trace per layer class, verified against a fresh eager call, no second model forward
+            recorded = siblings.recorded if n == 0 else None
+            for training in (primary, not primary) if n else (not primary,):
+                try:
+                    with _mode(model, training):
+                        if recorded is None:
+                            recorded = _record(model, layers, batch)
+                            out.append(_prime_calls(model, layers, *recorded, siblings))
+                        else:
+                            out.append(_prime_calls(model, layers, recorded[0], {}, siblings))
+                except FxAdaptError as exc:  # this kind of call is traced lazily at its first use instead
+                    logger.debug(
+                        "fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc
+                    )
     return out
+
+
+def _generates(model: nn.Module) -> bool:
+    """A model with ``generate()`` (an LM head): its default call builds a KV cache worth priming."""
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:  # a model's own can_generate may need more than it has here
+        return False
+
+
+def _record(model: nn.Module, layers: list[nn.Module], inputs: Any) -> tuple[dict, dict]:
+    """One forward: each layer's first call (args, kwargs) and its output under the verification seed."""
+    outputs: dict[int, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        calls = record_layer_calls(
+            model, layers, lambda: _call(model, inputs), outputs, lambda args: seed_rng(VERIFY_SEED, args)
+        )
+    return calls, outputs
 
 
 def _prime(
     model: nn.Module, layers: list[nn.Module], inputs: Any, siblings: Siblings
 ) -> list[tuple[tuple, Traced]]:
-    with torch.random.fork_rng(devices=[]):
-        calls = record_layer_calls(model, layers, lambda: _call(model, inputs))
+    siblings.recorded = _record(model, layers, inputs)
+    return _prime_calls(model, layers, *siblings.recorded, siblings)
+
+
+def _prime_calls(
+    model: nn.Module, layers: list[nn.Module], calls: dict, outputs: dict, siblings: Siblings
+) -> list[tuple[tuple, Traced]]:
     out = []
     for index, layer in enumerate(track(layers, desc="fxadapt: tracing layers", unit="layer")):
         if id(layer) not in calls:
@@ -290,28 +334,37 @@ def _prime(
                 "example_inputs that run the whole model"
             )
         args, kwargs = calls[id(layer)]
-        out.append(_prime_layer(model, layer, args, kwargs, siblings))
+        out.append(_prime_layer(model, layer, args, kwargs, siblings, outputs.get(id(layer))))
     return out
 
 
-def _prime_layer(model: nn.Module, layer: nn.Module, args: tuple, kwargs: dict, siblings: Siblings):
+def _prime_layer(
+    model: nn.Module, layer: nn.Module, args: tuple, kwargs: dict, siblings: Siblings, recorded: Any = None
+):
+    """The capture for this call of ``layer``: an installed one whose guards hold, a sibling's (verified against
+    this layer's own eager output), or a new trace. ``recorded``: the output of the recorded call, the eager
+    reference when the layer is not installed yet (an installed layer's recorded call ran its captured code)."""
     leaves, spec = flatten_call(args, kwargs)
     key = guard_key(layer, leaves, spec)
     state: LayerState | None = layer_state(layer)
     traced = state.find_traced(layer, key, leaves) if state is not None else None
     if traced is not None:
         return key, traced
+    expected = recorded if state is None else None
     orig = state.orig_class if state is not None else type(layer)
     traced = siblings.find(orig, key, layer, leaves)
     if traced is not None:
+        if siblings.trusted(layer, traced):
+            return key, traced
         try:
-            verify_shared(layer, orig.forward, traced.capture, args, kwargs)
+            verify_shared(layer, orig.forward, traced.capture, args, kwargs, expected)
+            siblings.shared(layer, traced)
             return key, traced
         except CaptureError:  # a difference the structure does not show: this layer gets its own capture
             pass
-    capture = trace_layer(layer, orig.forward, args, kwargs)
+    capture = trace_layer(layer, orig.forward, args, kwargs, expected=expected)
     traced = Traced(capture, find_sites(layer, capture.graph, model_type_of(model)))
-    siblings.add(orig, key, traced)
+    siblings.add(orig, key, traced, layer)
     return key, traced
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
+from torch.fx._symbolic_trace import _orig_module_call
 from torch.utils import _pytree as pytree
 
 from .graphs import ATTENTION_FLAG, replay_forward_hooks
@@ -35,7 +35,7 @@ from .guards import (
     check_size_guard,
     check_value_guard,
 )
-from .tracing import gate
+from .tracing import gate, unpatched
 
 _STATIC_ATTRS = frozenset(
     {
@@ -376,7 +376,7 @@ class _LayerTracer(fx.Tracer):
         args = fx.node.map_arg(fx.node.map_aggregate(node.args, plain_int), shadow_of)
         kwargs = fx.node.map_arg(fx.node.map_aggregate(node.kwargs, plain_int), shadow_of)
         try:
-            with _maybe_revert_all_patches():
+            with unpatched():
                 if node.op == "get_attr":
                     return _fetch_attr(self.root, str(node.target))
                 if node.op == "call_module":
@@ -599,6 +599,8 @@ class attribute_reads:
             if i not in paths:
                 continue
             key = (paths[i], name)
+            if isinstance(v, fx.Proxy):
+                continue  # the trace's own value, written to the module earlier in this forward (replayed)
             if isinstance(v, TrackedInt):
                 # only passed to graph ops: a run-time lookup (parametrize); a sibling needs an int there too
                 # (``is None`` tests on it are baked branches), of any value

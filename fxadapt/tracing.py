@@ -42,13 +42,14 @@ import torch
 import torch.fx._symbolic_trace as fx_trace
 from torch import nn
 
-__all__ = ["gate", "prepare", "serialized", "traced", "tracing_scope"]
+__all__ = ["gate", "prepare", "serialized", "traced", "tracing_scope", "unpatched"]
 
 logger = logging.getLogger("fxadapt")
 
 _LOCK = threading.RLock()
 _OWNER: int | None = None  # the thread inside tracing_scope (one at a time: the lock)
 _DEPTH = 0
+_EVALUATING = 0  # >0 while the tracing thread runs real ops (tracer: shadow values): gated patches step aside
 
 
 @contextmanager
@@ -69,7 +70,7 @@ def gate(patched: Callable[..., Any], original: Any) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def gated(*args: Any, **kwargs: Any) -> Any:
-        if _OWNER is not None and threading.get_ident() == _OWNER:
+        if _OWNER is not None and not _EVALUATING and threading.get_ident() == _OWNER:
             return patched(*args, **kwargs)
         return original(*args, **kwargs)
 
@@ -104,6 +105,24 @@ class _GatedPatcher(fx_trace._Patcher):
         if getattr(current, "__fx_already_patched", False):
             return super().patch_method(cls, name, new_fn, deduplicate)
         super().patch_method(cls, name, gate(new_fn, current), deduplicate)
+
+
+@contextmanager
+def unpatched() -> Iterator[None]:
+    """Run the enclosed block with fx's patches out of the way, in the tracing thread: by switching the gates
+    when every patch in place is gated (no class or module attribute is written: rewriting ``nn.Module.__call__``
+    invalidates the type caches of every module class, ~0.2 ms a time), else by fx's own revert and reapply."""
+    global _EVALUATING
+    patcher = fx_trace.CURRENT_PATCHER
+    if patcher is not None and not all(hasattr(p.new_fn, "__fxadapt_gated__") for p in patcher.patches_made):
+        with fx_trace._maybe_revert_all_patches():
+            yield
+        return
+    _EVALUATING += 1
+    try:
+        yield
+    finally:
+        _EVALUATING -= 1
 
 
 def _attention_classes() -> list[type]:
