@@ -247,6 +247,62 @@ def bench_model(name: str, repeats: int, train_repeats: int, inject_repeats: int
     return rows
 
 
+def first_calls(name: str, base: torch.nn.Module, batch: dict, repeats: int) -> list[dict]:
+    """First calls of a freshly injected model against its own steady state (issue 14): a padded batch, then the
+    same batch with an all-ones mask, a new batch/sequence shape, and the first train step; plus batch 1 x 16
+    latency against the base model. Per provider, one fresh copy, calls in that order."""
+    layers = base.config.num_hidden_layers
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    padded = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
+    padded["attention_mask"][0, inputs["attention_mask"].shape[1] // 2 :] = 0
+    ones = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+    shape = {k: v[:4, :64] for k, v in inputs.items()}
+    small = {k: v[:1, :16] for k, v in inputs.items()}
+    cases = [("padded batch", padded), ("all-ones mask", ones), ("new shape 4x64", shape)]
+    makers = {
+        "base": lambda m: m,
+        "fxadapt seq_bn": lambda m: fxadapt.inject(m, {"a": "seq_bn"}),
+        LORA: lora,
+    }
+    rows: list[dict] = []
+
+    def row(what, provider, secs, first, ref=None, **extra) -> None:
+        p = {f"p{q}_ms": pct(secs, q / 100) * 1e3 for q in (20, 50, 80)}
+        ratio = first / pct(secs, 0.5) if ref is None else p["p50_ms"] / (pct(ref, 0.5) * 1e3)
+        rows.append({"model": name, "layers": layers, "what": what, "provider": provider, "n": len(secs), **p,
+                     "first_ms": None if first is None else first * 1e3, "ratio": ratio, "paired_ratio": None,
+                     **extra})  # fmt: skip
+
+    models = {}
+    for k, make in makers.items():
+        m = make(copy.deepcopy(base)).eval()
+        models[k] = m
+        with torch.no_grad():
+            for case, inp in cases:
+                t0 = time.perf_counter()
+                m(**inp)
+                first = time.perf_counter() - t0
+                _, t = interleaved({"m": lambda m=m, inp=inp: m(**inp)}, max(3, repeats // 2))
+                row("first", k, t["m"], first, case=case)
+        if k == "fxadapt seq_bn":
+            fxadapt.train_adapter(m, "a")
+        elif k == LORA:
+            m.train()
+            for p in m.base_model.model.classifier.parameters():
+                p.requires_grad_(True)
+        else:
+            m.train()
+        step = train_step(m, batch)
+        first, t = interleaved({"m": step}, max(3, repeats // 4))
+        row("first", k, t["m"], first["m"], case="first train step")
+        m.eval()
+    with torch.no_grad():
+        _, times = interleaved({k: (lambda m=m: m(**small)) for k, m in models.items()}, repeats * 4)
+    for k in models:
+        row("lat", k, times[k], None, ref=times["base"], case="batch 1 x 16")
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """ratio = p50 / reference p50; paired = median over rounds of time / reference time in the same round."""
     head = f"{'model':<9} {'what':<6} {'provider':<33} {'n':>3} {'p20 ms':>8} {'p50 ms':>8} {'p80 ms':>8} "
@@ -267,6 +323,8 @@ def table(rows: list[dict]) -> str:
                 else ""
             ),
             "train": f"vs full fine-tune; {r.get('trainable', 0) / 1e6:.2f}M trainable",
+            "first": f"{r.get('case')}: ratio = first call / its steady p50",
+            "lat": f"{r.get('case')}, vs base",
         }[r["what"]]
         out.append(
             f"{r['model']:<9} {r['what']:<6} {r['provider']:<33} {r['n']:>3} {r['p20_ms']:8.1f} "
@@ -309,6 +367,8 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         new = bench_model(name, fwd_n, train_n, inject_repeats=1 if args.quick else 2)
+        base, batch = load_model(name)
+        new += first_calls(name, base, batch, fwd_n)
         print(table(new) + f"\n# {name}: {time.perf_counter() - t0:.0f} s, load {new[0]['load_before']} -> "
               f"{new[0]['load_after']}\n", flush=True)  # fmt: skip
         rows += new

@@ -31,6 +31,7 @@ from .install import LayerState, Siblings, Traced, layer_state
 from .methods.base import AdapterConfig
 from .parts import governing_config
 from .progress import track
+from .quantized import mode_bound
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
 from .rollback import preserved_buffers
 from .sites import find_sites
@@ -276,13 +277,17 @@ def prime_variants(
         batches += [{k: v for k, v in b.items() if k != "use_cache"} for b in batches]
     siblings = Siblings() if siblings is None else siblings
     primary = model.training
+    bound = mode_bound(
+        model
+    )  # a forward in the other mode would change quantized weights (bitsandbytes 4-bit)
     out: list[list[tuple[tuple, Traced]]] = []
     with preserved_buffers(model), using(model, None):
         for n, batch in enumerate(batches):
             # the other mode reuses this batch's recorded layer calls (same arguments, another mode flag): one
             # trace per layer class, verified against a fresh eager call, no second model forward
             recorded = siblings.recorded if n == 0 else None
-            for training in (primary, not primary) if n else (not primary,):
+            modes = (primary,) if bound else (primary, not primary)
+            for training in modes[1:] if n == 0 else modes:
                 try:
                     with _mode(model, training):
                         if recorded is None:

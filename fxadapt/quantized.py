@@ -47,6 +47,9 @@ class _Scheme:
     matches: Callable[[nn.Module, torch.Tensor], bool]
     dequantize: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     requantize: Callable[[nn.Module, torch.Tensor, torch.Tensor], nn.Parameter]  # (module, old, new float)
+    # an eval-mode forward changes the stored weight (bitsandbytes' CPU 4-bit inference path repacks it in place,
+    # after which training through the layer fails): fxadapt then runs no forward in a mode the model is not in
+    eval_changes_weight: bool = False
 
 
 def _type_name(t: object) -> str:
@@ -172,6 +175,7 @@ SCHEMES: tuple[_Scheme, ...] = (
         lambda m, w: _is(w, "bitsandbytes", "Params4bit") and getattr(w, "quant_state", None) is not None,
         _bnb_4bit_dequantize,
         _bnb_4bit_requantize,
+        eval_changes_weight=True,
     ),
     _Scheme("bitsandbytes Int8Params", _bnb_int8_matches, _bnb_int8_dequantize, _bnb_int8_requantize),
 )
@@ -193,6 +197,20 @@ def quantization_scheme(module: nn.Module) -> str | None:
     if not isinstance(weight, torch.Tensor):
         return None
     return next((s.name for s in SCHEMES if s.matches(module, weight)), None)
+
+
+def mode_bound(model: nn.Module) -> bool:
+    """Whether a forward in the other train/eval mode would change ``model``'s quantized weights (see
+    ``_Scheme.eval_changes_weight``): call variants in that mode are then traced at their first real use."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(weight, torch.Tensor)
+            and type(weight) not in (torch.Tensor, nn.Parameter)
+            and any(s.eval_changes_weight and s.matches(module, weight) for s in SCHEMES)
+        ):
+            return True
+    return False
 
 
 @contextmanager
