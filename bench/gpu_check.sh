@@ -6,12 +6,14 @@
 #
 # Uses only what the GPU image already has (python3 with a CUDA torch, triton, pytest, hypothesis; pytest-xdist,
 # matplotlib and ncu when present) and fxadapt from this checkout (PYTHONPATH shadow tree, no install, no wheels).
-# Everything lands in OUTDIR, at most 6 files (the device runner brings back 8):
+# Everything lands in OUTDIR, at most 7 files (the device runner brings back 8):
 #   summary.txt    one line per step (status, seconds, what it found), the verdict; then the environment
 #   pytest.log     the kernel tier on CUDA         bench.log    the benchmark's table, then the ncu read
 #   kernels.jsonl  the benchmark rows              kernels.png  % of the HBM floor per rank, dtype, provider
+#   serve.log      per-row (multi-)LoRA serving vs a loop over adapters (bench/serve.py --family gpu)
 # Time budget (each step is cut at its budget, the script goes on): tests TEST_BUDGET=200 s, benchmark
-# BENCH_BUDGET=120 s (it starts no new shape after that; cut at +45 s), ncu NCU_BUDGET=45 s: at most ~7.5 minutes
+# BENCH_BUDGET=120 s (it starts no new shape after that; cut at +45 s), ncu NCU_BUDGET=45 s, serving SERVE_BUDGET=60 s
+# (cut at +45 s): at most ~9 minutes
 # with setup on a cold cache (the tests compile their kernels in 8 parallel processes when pytest-xdist is there).
 #
 # Exit codes: 0 tests passed, 1 tests failed or timed out, 2 no CUDA GPU, 3 setup failed.
@@ -149,6 +151,17 @@ if [[ -n "$GPU" ]] && command -v ncu >/dev/null 2>&1; then
 else
     step ncu skipped 0 "${GPU:+no ncu on PATH}${GPU:-CPU rehearsal}"
 fi
+
+# ---- 5. multi-LoRA serving: the per-row LoRA path against a loop over adapters (bench/serve.py) -----------------
+t=$(date +%s)
+SERVE_BUDGET="${SERVE_BUDGET:-60}"
+SERVE_ARGS=(--family gpu --budget "$SERVE_BUDGET")
+[[ -z "$GPU" ]] && SERVE_ARGS+=(--rehearse)
+timeout $((SERVE_BUDGET + 45)) "$PY" bench/serve.py "${SERVE_ARGS[@]}" >"$OUT/serve.log" 2>&1
+rc=$?
+if ((rc == 0)); then step serve ok $(($(date +%s) - t)) "see serve.log"
+elif ((rc == 124)); then step serve TIMEOUT $(($(date +%s) - t)) "cut at $((SERVE_BUDGET + 45))s"
+else step serve FAIL $(($(date +%s) - t)) "exit $rc (see serve.log)"; fi
 
 if ((tests_ok)); then finish 0 "ok"; fi
 finish 1 "kernel tests failed or timed out"

@@ -321,7 +321,7 @@ def jobs(quick: bool, on_gpu: bool, gpu_check: bool = False) -> list[tuple]:
         return single + [("multi", 8192, 4096, 16, a, "uniform", bf16) for a in (1, 8, 64)]
     out: list[tuple] = []
     for dtype in (bf16, fp16):
-        out.append(("single", 8192, 4096, 64, dtype))  # the DESIGN §6 headline shape
+        out.append(("single", 8192, 4096, 64, dtype))  # the docs/design.md §6 headline shape
         out += [
             ("multi", 8192, 4096, 16, a, routing, dtype) for a in (8, 64) for routing in ("uniform", "zipf")
         ]

@@ -217,7 +217,7 @@ def bottleneck_bwd(
 
 
 def headline(dev: Device, n: int = 8192, d: int = 4096, r: int = 64, e: int = 2) -> dict[str, float]:
-    """The DESIGN §6 shape under this model, with the tiles the configs pick for it (see ``_configs``)."""
+    """The docs/design.md §6 shape under this model, with the tiles the configs pick for it (see ``_configs``)."""
     from . import _configs
     from ._common import Target
 

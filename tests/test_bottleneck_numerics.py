@@ -1,4 +1,4 @@
-"""Bottleneck adapters on BERT against a hand-written eager BERT layer implementing DESIGN §3's formulas.
+"""Bottleneck adapters on BERT against a hand-written eager BERT layer implementing docs/design.md §3's formulas.
 
 The reference below re-implements the BERT layer from its weights (F.linear, an explicit softmax attention) and
 applies the adapter formulas literally; it shares no code with fxadapt.

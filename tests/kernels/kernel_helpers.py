@@ -14,7 +14,7 @@ from hypothesis import Phase, settings
 
 import fxadapt.kernels as K
 
-#: (rtol, atol) per dtype against the fp64 reference — the one tolerance table of the kernel tier (DESIGN §6).
+#: (rtol, atol) per dtype against the fp64 reference — the one tolerance table of the kernel tier (docs/design.md §6).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (2e-3, 2e-3),
