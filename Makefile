@@ -17,7 +17,7 @@ demo: venv
 test: venv peer-venv test-main test-peer test-triton-new
 
 test-main: venv
-	$(VENV)/bin/pytest -q tests --ignore=tests/peer
+	$(VENV)/bin/pytest -q -n 2 tests --ignore=tests/peer
 
 # The kernel tier's interpreter tests on the newest supported Triton (a subset: every kernel, dtype and routing kind).
 TRITON_NEW_TESTS := tests/kernels/test_bottleneck.py tests/kernels/test_multi.py tests/kernels/test_lora_kernels.py

@@ -51,8 +51,14 @@ class CaptureFailure(Exception):
 # Guard keys
 
 
+_CONTAINERS = (tuple, list, dict)
+
+
 def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], tuple]:
     """Flatten a call into leaves and a structure key (plain nested tuples: hashable, also under torch.compile)."""
+    values = (*args, *kwargs.values())
+    if not any(type(v) in _CONTAINERS for v in values):  # the common flat call: no walk (dispatch runs this)
+        return list(values), (("tuple", (None,) * len(args)), ("dict", tuple(kwargs), (None,) * len(kwargs)))
     leaves: list[Any] = []
 
     def walk(value: Any) -> Any:
@@ -84,7 +90,12 @@ def unflatten_call(leaves: list[Any], structure: tuple) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
+_NONE_META = ("C", type(None), None)
+
+
 def _leaf_meta(value: Any) -> Any:
+    if value is None:  # most leaves of a layer call (unused optional arguments)
+        return _NONE_META
     if isinstance(value, torch.Tensor):
         return ("T", value.dtype, value.dim(), value.device)
     if isinstance(value, _CONSTANT_TYPES):

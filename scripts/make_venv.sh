@@ -35,7 +35,7 @@ from pathlib import Path
 
 torch_v, peft_v, root, triton_v, torchao_v, bnb_v = sys.argv[1:7]
 import fxadapt, peft, torch, transformers  # noqa: E401,F401
-import hypothesis, pytest, ruff  # noqa: E401,F401
+import hypothesis, pytest, ruff, xdist  # noqa: E401,F401
 
 ok = (
     torch.__version__.split("+")[0] == torch_v
