@@ -215,7 +215,9 @@ def weight_owner(root: nn.Module, node: fx.Node) -> str | None:
     if node.op != "call_function" or node.target is not torch.nn.functional.linear or len(node.args) < 2:
         return None
     weight = node.args[1]
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight")):
+    if not (
+        isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight")
+    ):
         return None
     owner = str(weight.target)[: -len(".weight")]
     try:

@@ -589,7 +589,9 @@ class _Sites:
         if ranges is None and key in self.taken:
             return
         self.taken.add(key)
-        module = str(node.target) if node.op == "call_module" else weight_owner(self.layer.root, node) or node.name
+        module = (
+            str(node.target) if node.op == "call_module" else weight_owner(self.layer.root, node) or node.name
+        )
         nodes = tuple(self.calls.get(module, [node.name]))
         self.sites.append(ModuleSite(kind, module, node.name, ranges, nodes))
 

@@ -28,7 +28,9 @@ from zoo import REFUSED, ZOO  # noqa: E402
 import fxadapt  # noqa: E402
 from fxadapt.errors import FxAdaptError  # noqa: E402
 
-HOULSBY = fxadapt.BottleneckConfig(sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish")
+HOULSBY = fxadapt.BottleneckConfig(
+    sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish"
+)
 
 
 def _peer_checked() -> set[str]:
