@@ -28,13 +28,16 @@ from zoo import REFUSED, ZOO  # noqa: E402
 import fxadapt  # noqa: E402
 from fxadapt.errors import FxAdaptError  # noqa: E402
 
-HOULSBY = fxadapt.BottleneckConfig(sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish")
+HOULSBY = fxadapt.BottleneckConfig(
+    sites=("attn.out", "ffn.out"), original_ln_before=False, non_linearity="swish"
+)
 
 
 def _peer_checked() -> set[str]:
     """The ARCHS list of the AdapterHub side-by-side test (read from its source, no import of adapters)."""
     path = os.path.join(ROOT, "tests", "peer", "test_adapterhub_architectures.py")
-    tree = ast.parse(open(path).read())
+    with open(path) as f:
+        tree = ast.parse(f.read())
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "ARCHS":
             return set(ast.literal_eval(node.value))
