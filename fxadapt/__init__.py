@@ -45,7 +45,7 @@ from .errors import (
     SiteNotFoundError,
 )
 from .export import aot_package, export, load_package
-from .formats.adapterhub import load_adapter_fusion, save_adapter_fusion
+from .formats.adapterhub_fusion import load_adapter_fusion, save_adapter_fusion
 from .fusion import FusionConfig
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BottleneckConfig

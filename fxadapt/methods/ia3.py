@@ -36,7 +36,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import register_method, register_preset
-from .lora import LoRAConfig, LoRAMethod, _as_tuple
+from .lora import LoRAMethod
+from .lora_config import LoRAConfig, _as_tuple
 
 __all__ = ["IA3Config", "IA3InputVector", "IA3Method"]
 
