@@ -146,21 +146,32 @@ def check_value_guard(value: Any, expected: bool) -> None:
         )
 
 
-def _depends_only_on_objects(node: fx.Node) -> bool:
-    """True if ``node`` is computed from opaque (non-tensor) inputs only: no tensor data, sizes or parameters."""
+def _upstream_all(node: fx.Node, step: Callable[[fx.Node], Any]) -> bool:
+    """Walk ``node`` and what it is computed from, each node once: ``step(n)`` returns False (the answer is no) or
+    the nodes to walk on from ``n``. True if no step said no."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
+        more = step(n)
+        if more is False:
+            return False
+        todo.extend(more)
+    return True
+
+
+def _depends_only_on_objects(node: fx.Node) -> bool:
+    """True if ``node`` is computed from opaque (non-tensor) inputs only: no tensor data, sizes or parameters."""
+
+    def step(n: fx.Node) -> Any:
         shadow = n.meta.get(SHADOW, _MISSING)
         if isinstance(shadow, (torch.Tensor, torch.Size)) or n.op in ("get_attr", "call_module"):
             return False
-        if n.op == "placeholder":
-            continue
-        todo.extend(n.all_input_nodes)
-    return True
+        return () if n.op == "placeholder" else n.all_input_nodes
+
+    return _upstream_all(node, step)
 
 
 _SHAPE_READS = {"size", "dim", "ndimension", "numel"}
@@ -168,22 +179,18 @@ _SHAPE_READS = {"size", "dim", "ndimension", "numel"}
 
 def _depends_only_on_sizes(node: fx.Node) -> bool:
     """True if ``node`` is computed from tensor *sizes* only (shapes, ``size()``, ints), never tensor data."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+
+    def step(n: fx.Node) -> Any:
         if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape":
-            continue  # a shape read: the tensor's values do not matter
+            return ()  # a shape read: the tensor's values do not matter
         if n.op == "call_method" and n.target in _SHAPE_READS:
-            todo.extend(a for a in n.all_input_nodes[1:])
-            continue
+            return n.all_input_nodes[1:]
         shadow = n.meta.get(SHADOW, _MISSING)
         if isinstance(shadow, torch.Tensor) or n.op in ("get_attr", "call_module", "placeholder"):
             return False
-        todo.extend(n.all_input_nodes)
-    return True
+        return n.all_input_nodes
+
+    return _upstream_all(node, step)
 
 
 _RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.bernoulli, torch.multinomial, torch.normal}
