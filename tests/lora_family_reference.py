@@ -19,7 +19,8 @@ def _t5_last(layer) -> str:
     return f"layer.{len(layer.layer) - 1}.DenseReluDense"
 
 
-# site kind -> (projection path inside the layer, output slice or None)
+# site kind -> (projection path inside the layer, output slice or None), written out per architecture (the
+# independent reference of test_lora.py and the LoRA-family tests)
 SITES = {
     "bert": lambda layer: {
         "attn.q": ("attention.self.query", None),
@@ -39,6 +40,7 @@ SITES = {
         "attn.q": ("attn.c_attn", (0, D)),
         "attn.k": ("attn.c_attn", (D, 2 * D)),
         "attn.v": ("attn.c_attn", (2 * D, 3 * D)),
+        "attn.qkv": ("attn.c_attn", None),
         "ffn.up": ("mlp.c_fc", None),
         "ffn.down": ("mlp.c_proj", None),
     },

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from lora_family_reference import SITES, D
 from test_errors import Snapshot
 from tiny_models import main_output, make_inputs, make_model
 from transformers.pytorch_utils import Conv1D
@@ -21,47 +22,6 @@ from fxadapt.install import layer_state
 from fxadapt.model import get_state, layers_of
 
 ARCHS = ["bert", "llama", "gpt2", "t5", "vit"]
-D = 32  # hidden size of every tiny model
-
-
-def _t5_ffn(layer) -> str:
-    return f"layer.{len(layer.layer) - 1}.DenseReluDense.wi"
-
-
-# site kind -> (projection path inside the layer, output slice or None), written out per architecture
-SITES = {
-    "bert": lambda layer: {
-        "attn.q": ("attention.self.query", None),
-        "attn.k": ("attention.self.key", None),
-        "attn.v": ("attention.self.value", None),
-        "ffn.up": ("intermediate.dense", None),
-    },
-    "llama": lambda layer: {
-        "attn.q": ("self_attn.q_proj", None),
-        "attn.k": ("self_attn.k_proj", None),
-        "attn.v": ("self_attn.v_proj", None),
-        "ffn.up": ("mlp.up_proj", None),
-    },
-    "gpt2": lambda layer: {
-        "attn.q": ("attn.c_attn", (0, D)),
-        "attn.k": ("attn.c_attn", (D, 2 * D)),
-        "attn.v": ("attn.c_attn", (2 * D, 3 * D)),
-        "attn.qkv": ("attn.c_attn", None),
-        "ffn.up": ("mlp.c_fc", None),
-    },
-    "t5": lambda layer: {
-        "attn.q": ("layer.0.SelfAttention.q", None),
-        "attn.k": ("layer.0.SelfAttention.k", None),
-        "attn.v": ("layer.0.SelfAttention.v", None),
-        "ffn.up": (_t5_ffn(layer), None),
-    },
-    "vit": lambda layer: {
-        "attn.q": ("attention.q_proj", None),
-        "attn.k": ("attention.k_proj", None),
-        "attn.v": ("attention.v_proj", None),
-        "ffn.up": ("mlp.fc1", None),
-    },
-}
 
 
 def randomise(model, name: str, std: float = 0.3, seed: int = 7) -> None:
