@@ -116,6 +116,32 @@ class Siblings:
         origin = self.origin.get(id(traced))
         return origin is not None and self.group.get(id(layer)) == origin
 
+    def reuse(
+        self,
+        orig: type,
+        key: tuple,
+        layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        leaves: list[Any],
+        expected: Any = None,
+        exclude: tuple[Capture, ...] = (),
+    ) -> Traced | None:
+        """A sibling's capture for this call of ``layer``, if one fits and (unless the layer is already trusted to
+        share it) reproduces this layer's eager output bit for bit: ``expected`` when that output was recorded,
+        else a fresh eager call. None: the layer needs its own capture."""
+        traced = self.find(orig, key, layer, leaves)
+        if traced is None or any(c is traced.capture for c in exclude):
+            return None
+        if self.trusted(layer, traced):
+            return traced
+        try:
+            verify_shared(layer, orig.forward, traced.capture, args, kwargs, expected)
+        except CaptureError:  # a difference the structure does not show
+            return None
+        self.shared(layer, traced)
+        return traced
+
     def find(self, orig: type, key: tuple, layer: nn.Module, leaves: list[Any]) -> Traced | None:
         entries = self.by_key.get((orig, key), ())
         if not entries:
@@ -219,16 +245,9 @@ class LayerState:
             # call), else traced and verified against the values computed while tracing it
             # serve: tracing and verification must not advance BatchNorm statistics
             with preserved_buffers(layer):
-                traced = self.siblings.find(self.orig_class, key, layer, leaves)
-                if traced is not None and not any(c is traced.capture for c in exclude):
-                    if not self.siblings.trusted(layer, traced):  # shares its origin's captures, checked once
-                        try:
-                            verify_shared(layer, self.orig_class.forward, traced.capture, args, kwargs)
-                            self.siblings.shared(layer, traced)
-                        except CaptureError:
-                            traced = None
-                else:
-                    traced = None
+                traced = self.siblings.reuse(
+                    self.orig_class, key, layer, args, kwargs, leaves, exclude=exclude
+                )
                 if traced is None:
                     capture = trace_layer(layer, self.orig_class.forward, args, kwargs, verify="shadow")
                     traced = Traced(capture, find_sites(layer, capture.graph, self.model_type))

@@ -23,7 +23,6 @@ from .capture import (
     record_layer_calls,
     seed_rng,
     trace_layer,
-    verify_shared,
 )
 from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, FxAdaptError, nearest
@@ -357,16 +356,9 @@ def _prime_layer(
         return key, traced
     expected = recorded if state is None else None
     orig = state.orig_class if state is not None else type(layer)
-    traced = siblings.find(orig, key, layer, leaves)
+    traced = siblings.reuse(orig, key, layer, args, kwargs, leaves, expected)
     if traced is not None:
-        if siblings.trusted(layer, traced):
-            return key, traced
-        try:
-            verify_shared(layer, orig.forward, traced.capture, args, kwargs, expected)
-            siblings.shared(layer, traced)
-            return key, traced
-        except CaptureError:  # a difference the structure does not show: this layer gets its own capture
-            pass
+        return key, traced
     capture = trace_layer(layer, orig.forward, args, kwargs, expected=expected)
     traced = Traced(capture, find_sites(layer, capture.graph, model_type_of(model)))
     siblings.add(orig, key, traced, layer)
