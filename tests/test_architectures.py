@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from tiny_models import ARCHS, DECODERS, SPECS, main_output, make_inputs, make_model
+from tiny_models import ARCHS, DECODERS, SPECS, adapter_grads, main_output, make_inputs, make_model
 
 import fxadapt
 from fxadapt.install import layer_state
@@ -104,15 +104,8 @@ def test_backward_reaches_only_adapter_params(arch):
     inputs = make_inputs(arch)
     fxadapt.inject(model, {"a": _all_sites_config(arch)})
     _randomise(model, "a")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapter = fxadapt.adapter_parameters(model, "a")
-    for p in adapter.values():
-        p.requires_grad_(True)
-    main_output(model(**inputs)).float().pow(2).sum().backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == set(adapter)
-    assert all(p.grad.abs().sum() > 0 for p in adapter.values())
+    grads = adapter_grads(model, "a", inputs)
+    assert all(g.abs().sum() > 0 for g in grads.values())
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama", "t5", "gpt2"])

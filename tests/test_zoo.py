@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tiny_models import adapter_grads
 from zoo import REFUSED, ZOO, main_output, make_inputs, make_model
 
 import fxadapt
@@ -84,15 +85,8 @@ def test_zoo(entry):
     # a non-zero adapter changes the outputs; gradients reach exactly the adapter
     _set(model, "a", "", 0.2)
     assert not torch.allclose(_run(model, inputs), expected, atol=1e-5)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapter = fxadapt.adapter_parameters(model, "a")
-    for p in adapter.values():
-        p.requires_grad_(True)
-    main_output(model(**inputs)).float().pow(2).sum().backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == set(adapter)
-    assert any(p.grad.abs().sum() > 0 for p in adapter.values())
+    grads = adapter_grads(model, "a", inputs)
+    assert any(g.abs().sum() > 0 for g in grads.values())
 
     # remove restores the original classes, keys and outputs
     fxadapt.remove(model, "a")

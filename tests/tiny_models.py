@@ -211,8 +211,24 @@ def make_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[
 
 
 def main_output(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
+    """The output a test compares: logits, else the last hidden state, else CLIP's image logits, else ``out[0]``."""
+    for name in ("logits", "last_hidden_state", "logits_per_image"):
         value = getattr(out, name, None)
         if value is not None:
             return value
     return out[0]
+
+
+def adapter_grads(model: torch.nn.Module, name: str, inputs: dict) -> dict[str, torch.Tensor]:
+    """Backward of ``sum(main_output ** 2)`` with only adapter ``name``'s parameters trainable; asserts that
+    gradients reached exactly those parameters and returns them (by parameter name)."""
+    import fxadapt
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = fxadapt.adapter_parameters(model, name)
+    for p in adapter.values():
+        p.requires_grad_(True)
+    main_output(model(**inputs)).float().pow(2).sum().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(adapter)
+    return {n: p.grad for n, p in adapter.items()}
