@@ -55,23 +55,44 @@ _CONTAINERS = (tuple, list, dict)
 
 
 def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], tuple]:
-    """Flatten a call into leaves and a structure key (plain nested tuples: hashable, also under torch.compile)."""
-    values = (*args, *kwargs.values())
-    if not any(type(v) in _CONTAINERS for v in values):  # the common flat call: no walk (dispatch runs this)
-        return list(values), (("tuple", (None,) * len(args)), ("dict", tuple(kwargs), (None,) * len(kwargs)))
+    """Flatten a call into leaves and a structure key (plain nested tuples: hashable, also under torch.compile).
+
+    Dispatch runs this on every layer call: one pass over the arguments, a walk only into containers, and one
+    structure object per kind of call (so guard keys compare by identity first)."""
     leaves: list[Any] = []
+    shapes: list[Any] = []
+    nested = False
+    for v in (*args, *kwargs.values()):
+        t = type(v)
+        if t is tuple or t is list or t is dict:
+            nested = True
+            shapes.append(_walk(v, leaves))
+        else:
+            leaves.append(v)
+            shapes.append(None)
+    names = tuple(kwargs)
+    signature = (len(args), names, tuple(shapes)) if nested else (len(args), names)
+    spec = _SPECS.get(signature)
+    if spec is None:
+        n = len(args)
+        spec = (("tuple", tuple(shapes[:n])), ("dict", names, tuple(shapes[n:])))
+        if len(_SPECS) < 1024:
+            _SPECS[signature] = spec
+    return leaves, spec
 
-    def walk(value: Any) -> Any:
-        if type(value) in (tuple, list):
-            return (type(value).__name__, tuple(walk(v) for v in value))
-        if type(value) is dict:
-            keys = tuple(value)
-            return ("dict", keys, tuple(walk(value[k]) for k in keys))
-        leaves.append(value)
-        return None
 
-    structure = (walk(tuple(args)), walk(dict(kwargs)))
-    return leaves, structure
+_SPECS: dict[tuple, tuple] = {}  # (positional count, keyword names[, nested shapes]) -> structure
+
+
+def _walk(value: Any, leaves: list[Any]) -> Any:
+    t = type(value)
+    if t is dict:
+        keys = tuple(value)
+        return ("dict", keys, tuple([_walk(value[k], leaves) for k in keys]))
+    if t is tuple or t is list:
+        return (t.__name__, tuple([_walk(v, leaves) for v in value]))
+    leaves.append(value)
+    return None
 
 
 def unflatten_call(leaves: list[Any], structure: tuple) -> tuple[tuple, dict]:
@@ -105,14 +126,16 @@ def _leaf_meta(value: Any) -> Any:
 
 def hook_dicts(layer: nn.Module) -> tuple[dict, ...]:
     """The hook dicts that matter to a capture: those of the submodules generated code traces through. The layer's
-    own hooks run in its ``__call__``, outside the generated code, and fxadapt's adapter modules are leaf calls
-    whose hooks fire as usual. Cached per layer (``LayerState.hook_dicts``): counting them is O(#submodules)
-    ``len`` calls, not a module walk per call."""
+    own hooks run in its ``__call__``, outside the generated code; a module without children is always a leaf call
+    of the generated code (``tracer.is_leaf_module``), so its hooks fire as usual and cannot change a capture; so
+    are fxadapt's adapter modules. Cached per layer (``LayerState.hooks``): counting is a few ``len`` calls, not
+    a module walk per call."""
     out: list[dict] = []
     for name, m in layer.named_modules():
         if m is layer or name.split(".", 1)[0] == "fxadapt":  # "fxadapt": the adapter container (model.py)
             continue
-        out += (m._forward_hooks, m._forward_pre_hooks)
+        if next(m.children(), None) is not None:
+            out += (m._forward_hooks, m._forward_pre_hooks)
     return tuple(out)
 
 
@@ -123,14 +146,12 @@ def hook_count(dicts: tuple[dict, ...]) -> int:
 def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple, hooks: int | None = None) -> tuple:
     """Everything a capture was specialised to: call structure, leaf dtypes/ranks/devices/constants, mode, the
     number of hooks on traced-through submodules (``hooks``, or counted now), autocast."""
-    return (
-        spec,
-        tuple(map(_leaf_meta, leaves)),
-        layer.training,
-        hook_count(hook_dicts(layer)) if hooks is None else hooks,
-        torch.is_autocast_enabled("cpu"),
-        torch.is_autocast_enabled("cuda"),
-    )
+    if hooks is None:
+        hooks = hook_count(hook_dicts(layer))
+    metas = tuple(map(_leaf_meta, leaves))
+    if torch._C._is_any_autocast_enabled():
+        return spec, metas, layer.training, hooks, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+    return spec, metas, layer.training, hooks, False, False  # the usual case: one check instead of two
 
 
 def _is_dynamic(value: Any) -> bool:

@@ -116,6 +116,15 @@ class Siblings:
         origin = self.origin.get(id(traced))
         return origin is not None and self.group.get(id(layer)) == origin
 
+    def representatives(self, layers: list[nn.Module]) -> set[int]:
+        """Ids of the layers whose calls stand for their group's: each group's origin and every ungrouped layer."""
+        return {id(layer) for layer in layers if self.group.get(id(layer), id(layer)) == id(layer)}
+
+    def takes(self, layer: nn.Module, traced: Traced) -> bool:
+        """Whether ``layer``, not called itself, may share ``traced`` (its group's capture of that call): trusted,
+        and the capture fits it (an attribute read only on that call's path may still differ)."""
+        return self.trusted(layer, traced) and traced.capture.fits(layer)
+
     def reuse(
         self,
         orig: type,
@@ -348,10 +357,15 @@ def is_installed(layer: nn.Module) -> bool:
 def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: LayerState = self.__dict__[_STATE]
     plan, runners = current_plan(state)  # serve: a per-call setup (fxadapt.using) wins over the active one
-    if not plan:
+    if not plan.sites:
         return state.orig_class.forward(self, *args, **kwargs)
     leaves, spec = flatten_call(args, kwargs)
     key = guard_key(self, leaves, spec, state.hooks(self))
+    entries = runners.get(key)
+    if entries:  # the usual case, inline: one capture for this key and no guards to check
+        capture, runner, _ = entries[0]
+        if not capture.value_guards and not capture.size_guards:
+            return runner(self, leaves)
     return state.run(self, args, kwargs, key, leaves, plan, runners)
 
 

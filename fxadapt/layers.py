@@ -82,14 +82,17 @@ def record_layer_calls(
     run: Callable[[], Any],
     outputs: dict[int, Any] | None = None,
     seed: Callable[[tuple], None] | None = None,
+    until: set[int] | None = None,
 ) -> dict[int, tuple[tuple, dict]]:
     """Run ``run()`` once and return, per layer (by ``id``), the (args, kwargs) of its first call.
 
     Calls are recorded at the layer's ``forward`` (an instance attribute for the duration), so a parent that
     calls ``layer.forward(...)`` directly (SqueezeBERT) is seen as well as ``layer(...)``. With ``outputs``, the
     first call of each layer runs right after ``seed(args)`` and its output (tensors copied) is stored there:
-    the eager reference a capture of that call is verified against, without running the layer again."""
+    the eager reference a capture of that call is verified against, without running the layer again. With
+    ``until`` (layer ids), the forward stops once those layers have been called: the rest of it is not needed."""
     calls: dict[int, tuple[tuple, dict]] = {}
+    waiting = set(until) if until is not None else None
     saved: list[tuple[nn.Module, Any]] = []
     me = threading.get_ident()
 
@@ -98,12 +101,15 @@ def record_layer_calls(
             if threading.get_ident() != me or id(layer) in calls:  # serve: not another thread's call
                 return forward(*args, **kwargs)
             calls[id(layer)] = _snapshot(args, dict(kwargs))
-            if outputs is None:
-                return forward(*args, **kwargs)
-            if seed is not None:
+            if outputs is not None and seed is not None:
                 seed(args)
             out = forward(*args, **kwargs)
-            outputs[id(layer)] = pytree.tree_map_only(torch.Tensor, torch.clone, out)
+            if outputs is not None:
+                outputs[id(layer)] = pytree.tree_map_only(torch.Tensor, torch.clone, out)
+            if waiting is not None:
+                waiting.discard(id(layer))
+                if not waiting:
+                    raise _Enough
             return out
 
         return forward_and_record
@@ -113,7 +119,7 @@ def record_layer_calls(
             for layer in layers:
                 saved.append((layer, layer.__dict__.get("forward", _MISSING)))
                 layer.__dict__["forward"] = recorder(layer, layer.forward)
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.suppress(_Enough):
                 run()
         finally:
             for layer, previous in reversed(saved):
@@ -125,6 +131,10 @@ def record_layer_calls(
 
 
 _RECORDING = threading.RLock()
+
+
+class _Enough(BaseException):  # noqa: N818 - control flow (past a model's own ``except Exception``), never seen
+    """Raised out of a recording forward once every layer it waits for was called."""
 
 
 def _snapshot(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

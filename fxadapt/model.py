@@ -279,6 +279,9 @@ def prime_variants(
     bound = mode_bound(
         model
     )  # a forward in the other mode would change quantized weights (bitsandbytes 4-bit)
+    # a new batch's forward stops once one layer of each group of siblings was called: the others share its
+    # capture of that call (trusted, model._prime_calls), so the rest of the forward is not needed
+    until = siblings.representatives(layers)
     out: list[list[tuple[tuple, Traced]]] = []
     with preserved_buffers(model), using(model, None):
         for n, batch in enumerate(batches):
@@ -290,7 +293,7 @@ def prime_variants(
                 try:
                     with _mode(model, training):
                         if recorded is None:
-                            recorded = _record(model, layers, batch)
+                            recorded = _record(model, layers, batch, until)
                             out.append(_prime_calls(model, layers, *recorded, siblings))
                         else:
                             out.append(_prime_calls(model, layers, recorded[0], {}, siblings))
@@ -310,12 +313,20 @@ def _generates(model: nn.Module) -> bool:
         return False
 
 
-def _record(model: nn.Module, layers: list[nn.Module], inputs: Any) -> tuple[dict, dict]:
-    """One forward: each layer's first call (args, kwargs) and its output under the verification seed."""
+def _record(
+    model: nn.Module, layers: list[nn.Module], inputs: Any, until: set[int] | None = None
+) -> tuple[dict, dict]:
+    """One forward: each layer's first call (args, kwargs) and its output under the verification seed (only up to
+    the layers in ``until`` when given)."""
     outputs: dict[int, Any] = {}
     with torch.random.fork_rng(devices=[]):
         calls = record_layer_calls(
-            model, layers, lambda: _call(model, inputs), outputs, lambda args: seed_rng(VERIFY_SEED, args)
+            model,
+            layers,
+            lambda: _call(model, inputs),
+            outputs,
+            lambda args: seed_rng(VERIFY_SEED, args),
+            until,
         )
     return calls, outputs
 
@@ -330,15 +341,21 @@ def _prime(
 def _prime_calls(
     model: nn.Module, layers: list[nn.Module], calls: dict, outputs: dict, siblings: Siblings
 ) -> list[tuple[tuple, Traced]]:
-    out = []
+    out: list[tuple[tuple, Traced]] = []
+    done: dict[int, tuple[tuple, Traced]] = {}
     for index, layer in enumerate(track(layers, desc="fxadapt: tracing layers", unit="layer")):
-        if id(layer) not in calls:
-            raise CaptureError(
-                f"layer {index} ({type(layer).__name__}) was not called by the example forward; pass "
-                "example_inputs that run the whole model"
-            )
-        args, kwargs = calls[id(layer)]
-        out.append(_prime_layer(model, layer, args, kwargs, siblings, outputs.get(id(layer))))
+        if id(layer) in calls:
+            args, kwargs = calls[id(layer)]
+            done[id(layer)] = _prime_layer(model, layer, args, kwargs, siblings, outputs.get(id(layer)))
+        else:  # not reached by a forward that stopped early: its group's representative's capture, if it fits
+            entry = done.get(siblings.group.get(id(layer), -1))
+            if entry is None or not siblings.takes(layer, entry[1]):
+                raise CaptureError(
+                    f"layer {index} ({type(layer).__name__}) was not called by the example forward; pass "
+                    "example_inputs that run the whole model"
+                )
+            done[id(layer)] = entry
+        out.append(done[id(layer)])
     return out
 
 
@@ -406,9 +423,12 @@ def plan_for(state: ModelState, index: int) -> LayerPlan:
             fusions.setdefault(kind, []).append(
                 (fuse.name, f"{CONTAINER}.{fuse.name}.{site_key(kind)}", record.config)
             )
-    first = state.layer_paths[index].rsplit(".", 1)[-1] == "0"
+    parallel = parallel_channels(setup)
+    # only a Parallel setup's code differs in a list's first layer (it replicates the batch): other setups give
+    # all layers one plan, so siblings share one piece of generated code
+    first = parallel > 1 and state.layer_paths[index].rsplit(".", 1)[-1] == "0"
     plans = tuple(SitePlan(kind, tuple(refs), tuple(fusions.get(kind, ()))) for kind, refs in sites.items())
-    return LayerPlan(setup, plans, parallel_channels(setup), first)
+    return LayerPlan(setup, plans, parallel, first)
 
 
 def _fuse_blocks(setup: Block | str) -> list[Fuse]:

@@ -13,6 +13,7 @@ from zoo import main_output, make_inputs, make_model
 
 import fxadapt
 from fxadapt.install import layer_state
+from fxadapt.layers import record_layer_calls
 from fxadapt.model import layers_of
 
 
@@ -86,9 +87,11 @@ def test_layer_index_is_looked_up_not_baked():
     assert all(len(c) == 1 for c in _captures(model).values())
 
 
-@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "llama", "gemma2"])
 def test_first_calls_of_the_usual_kinds_trace_nothing(model_type):
-    model = make_model(model_type)
+    """The variants' priming forwards stop after one layer per group of siblings (gemma2: a sliding and a global
+    one); the layers they did not reach share their group's captures."""
+    model = make_model(model_type, num_hidden_layers=4)
     fxadapt.inject(model, {"a": "seq_bn"})
     before = _trace_count(model)
     for inputs in _kinds(model, model_type):
@@ -96,7 +99,7 @@ def test_first_calls_of_the_usual_kinds_trace_nothing(model_type):
             model.train(training)
             with torch.no_grad():
                 model(**inputs)
-                if model_type == "llama":
+                if model_type != "bert":
                     model(**{**inputs, "use_cache": False})
     assert _trace_count(model) == before
 
@@ -119,3 +122,45 @@ def test_compile_in_any_order_has_no_graph_break(when):
         fxadapt.activate(model, fxadapt.Stack("a", "b"))
     for inputs in _kinds(model, "bert"):
         assert _graph_breaks(model, inputs) == (1, 0)
+
+
+def test_recording_stops_once_the_awaited_layers_were_called():
+    """``until``: the forward ends after the last awaited layer; later layers and the head never run."""
+    model = make_model("bert", num_hidden_layers=4)
+    _, layers = layers_of(model)
+    ran: list[int] = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+    inputs = make_inputs(model, "bert")
+    outputs: dict = {}
+    calls = record_layer_calls(model, layers, lambda: model(**inputs), outputs, until={id(layers[1])})
+    assert ran == [0, 1] and set(calls) == set(outputs) == {id(layers[0]), id(layers[1])}
+    with torch.no_grad():  # the recorded output is the layer's own eager output on that call
+        args, kwargs = calls[id(layers[1])]
+        assert torch.equal(main_output(layers[1](*args, **kwargs)), main_output(outputs[id(layers[1])]))
+    ran.clear()
+    assert set(record_layer_calls(model, layers, lambda: model(**inputs))) == {id(m) for m in layers}
+    assert ran == [0, 1, 2, 3]
+
+
+def test_hooks_added_after_inject_run_as_in_eager():
+    """A hook on a leaf module (no children: always a call of the generated code) fires as it is, without a new
+    capture; one on a traced-through module is a new kind of call, traced with the hook replayed."""
+    model = make_model("bert", num_hidden_layers=2)
+    base = copy.deepcopy(model)
+    fxadapt.inject(model, {"a": "seq_bn"})
+    _zero_up(model)
+    inputs = make_inputs(model, "bert")
+    before = _trace_count(model)
+    for path, traced in (("attention.self.query", 0), ("attention.self", 1)):
+        handles = [
+            m.encoder.layer[1].get_submodule(path).register_forward_hook(
+                lambda mod, a, out: (out[0] * 2.0, *out[1:]) if isinstance(out, tuple) else out * 2.0
+            )
+            for m in (model, base)
+        ]
+        with torch.no_grad():
+            assert torch.equal(main_output(model(**inputs)), main_output(base(**inputs)))
+        assert _trace_count(model) == before + traced
+        for h in handles:
+            h.remove()

@@ -226,7 +226,7 @@ def test_a_failing_trace_leaves_no_patch_and_releases_the_lock(monkeypatch):
 
     monkeypatch.setattr(capture._LayerTracer, "create_args_for_root", interrupted)
     # a hook on a traced-through submodule makes a new kind of call (inject primed the usual ones): traced now
-    hook = model.encoder.layer[0].attention.self.query.register_forward_hook(lambda *a: None)
+    hook = model.encoder.layer[0].attention.self.register_forward_hook(lambda *a: None)
     with pytest.raises(KeyboardInterrupt), torch.no_grad():
         model(**make_inputs("bert"))
     hook.remove()
