@@ -150,7 +150,14 @@ def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple, hooks: int | Non
         hooks = hook_count(hook_dicts(layer))
     metas = tuple(map(_leaf_meta, leaves))
     if torch._C._is_any_autocast_enabled():
-        return spec, metas, layer.training, hooks, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+        return (
+            spec,
+            metas,
+            layer.training,
+            hooks,
+            torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"),
+        )
     return spec, metas, layer.training, hooks, False, False  # the usual case: one check instead of two
 
 

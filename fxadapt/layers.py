@@ -133,8 +133,9 @@ def record_layer_calls(
 _RECORDING = threading.RLock()
 
 
-class _Enough(BaseException):  # noqa: N818 - control flow (past a model's own ``except Exception``), never seen
-    """Raised out of a recording forward once every layer it waits for was called."""
+class _Enough(BaseException):
+    """Raised out of a recording forward once every layer it waits for was called (a BaseException, so that a
+    model's own ``except Exception`` lets it pass; never seen by users)."""
 
 
 def _snapshot(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -154,7 +154,9 @@ def test_hooks_added_after_inject_run_as_in_eager():
     before = _trace_count(model)
     for path, traced in (("attention.self.query", 0), ("attention.self", 1)):
         handles = [
-            m.encoder.layer[1].get_submodule(path).register_forward_hook(
+            m.encoder.layer[1]
+            .get_submodule(path)
+            .register_forward_hook(
                 lambda mod, a, out: (out[0] * 2.0, *out[1:]) if isinstance(out, tuple) else out * 2.0
             )
             for m in (model, base)
