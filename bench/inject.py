@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_run_info
+
+# then drop bench/ from the path: transformers probes for the hub ``kernels`` package and would get bench/kernels.py
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: bench/kernels.py shadows nothing
 
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
-from machine import cpu_run_info  # noqa: E402
 
 import fxadapt  # noqa: E402
 from fxadapt.install import layer_state  # noqa: E402
@@ -55,7 +56,14 @@ def build(name: str) -> tuple[torch.nn.Module, list[str]]:
 
 
 def captures(model: torch.nn.Module) -> int:
-    return len({id(t.capture) for layer in layers_of(model)[1] for ts in layer_state(layer).traced.values() for t in ts})
+    return len(
+        {
+            id(t.capture)
+            for layer in layers_of(model)[1]
+            for ts in layer_state(layer).traced.values()
+            for t in ts
+        }
+    )
 
 
 def run(name: str, repeats: int) -> list[dict]:

@@ -127,12 +127,15 @@ class Capture:
                 return False
         return True
 
-    def fits(self, layer: nn.Module, signature: tuple | None = None) -> bool:
+    def fits(self, layer: nn.Module, signature: tuple | None = None, any_mode: bool = False) -> bool:
         """Whether this capture is also ``layer``'s: the same module structure and parameter shapes, and the same
-        value of every plain attribute the trace read (a sibling layer differs in parameters, not in code)."""
+        value of every plain attribute the trace read (a sibling layer differs in parameters, not in code).
+        ``any_mode``: the ``training`` flags it read may differ (a capture verified to serve both modes)."""
         if (layer_signature(layer) if signature is None else signature) != self.signature:
             return False
         for (path, name), value in self.reads:
+            if any_mode and name == "training":
+                continue
             module = layer.get_submodule(path) if path else layer
             if value != module.__dict__.get(name, _MISSING):  # value first: ANY_INT compares by type
                 return False

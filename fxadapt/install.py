@@ -95,6 +95,8 @@ class Siblings:
         self.group: dict[int, int] = {}
         # the priming call's recorded layer calls and outputs (model.prime): its other-mode variant reuses them
         self.recorded: tuple[dict, dict] | None = None
+        # (id(traced), training) of captures verified to serve the other mode as well (reuse: one trace, two modes)
+        self.any_mode: set[tuple[int, bool]] = set()
 
     def add(self, orig: type, key: tuple, traced: Traced, layer: nn.Module | None = None) -> None:
         entries = self.by_key.setdefault((orig, key), [])
@@ -120,10 +122,18 @@ class Siblings:
         """Ids of the layers whose calls stand for their group's: each group's origin and every ungrouped layer."""
         return {id(layer) for layer in layers if self.group.get(id(layer), id(layer)) == id(layer)}
 
-    def takes(self, layer: nn.Module, traced: Traced) -> bool:
-        """Whether ``layer``, not called itself, may share ``traced`` (its group's capture of that call): trusted,
-        and the capture fits it (an attribute read only on that call's path may still differ)."""
-        return self.trusted(layer, traced) and traced.capture.fits(layer)
+    def takes(self, layer: nn.Module, key: tuple, traced: Traced) -> bool:
+        """Whether ``layer``, not called itself, may share ``traced`` (its group's capture of a call with guard key
+        ``key``): trusted, and the capture fits it (an attribute read only on that call's path may still differ)."""
+        return self.trusted(layer, traced) and traced.capture.fits(
+            layer, any_mode=self._any_mode(key, traced)
+        )
+
+    def _any_mode(self, key: tuple, traced: Traced) -> bool:
+        return (
+            id(traced),
+            key[2],
+        ) in self.any_mode  # key[2]: the guard key's training flag (guards.guard_key)
 
     def reuse(
         self,
@@ -140,8 +150,10 @@ class Siblings:
         share it) reproduces this layer's eager output bit for bit: ``expected`` when that output was recorded,
         else a fresh eager call. None: the layer needs its own capture."""
         traced = self.find(orig, key, layer, leaves)
-        if traced is None or any(c is traced.capture for c in exclude):
+        if traced is not None and any(c is traced.capture for c in exclude):
             return None
+        if traced is None:
+            return self._other_mode(orig, key, layer, args, kwargs, leaves, expected, exclude)
         if self.trusted(layer, traced):
             return traced
         try:
@@ -151,13 +163,48 @@ class Siblings:
         self.shared(layer, traced)
         return traced
 
+    def _other_mode(
+        self,
+        orig: type,
+        key: tuple,
+        layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        leaves: list[Any],
+        expected: Any,
+        exclude: tuple[Capture, ...],
+    ) -> Traced | None:
+        """The same kind of call's capture in the other mode (train/eval), if it reproduces this call bit for bit:
+        where nothing on the traced path depends on the mode (no dropout there, or dropout of probability 0; leaf
+        modules such as ``nn.Dropout`` follow their own flag at run time), one trace serves both modes. A baked
+        difference (an attention dropout probability chosen by ``self.training``) fails the check."""
+        flipped = (*key[:2], not key[2], *key[3:])
+        signature = layer_signature(layer)
+        for traced in self.by_key.get((orig, flipped), ()):
+            capture = traced.capture
+            if any(c is capture for c in exclude) or not capture.fits(layer, signature, any_mode=True):
+                continue
+            if not capture.guards_hold(layer, leaves):
+                continue
+            try:
+                verify_shared(layer, orig.forward, capture, args, kwargs, expected)
+            except CaptureError:
+                continue
+            self.any_mode.add((id(traced), key[2]))
+            self.add(orig, key, traced)
+            self.shared(layer, traced)
+            return traced
+        return None
+
     def find(self, orig: type, key: tuple, layer: nn.Module, leaves: list[Any]) -> Traced | None:
         entries = self.by_key.get((orig, key), ())
         if not entries:
             return None
         signature = layer_signature(layer)
         for traced in entries:
-            if traced.capture.fits(layer, signature) and traced.capture.guards_hold(layer, leaves):
+            if traced.capture.fits(
+                layer, signature, self._any_mode(key, traced)
+            ) and traced.capture.guards_hold(layer, leaves):
                 return traced
         return None
 

@@ -349,7 +349,7 @@ def _prime_calls(
             done[id(layer)] = _prime_layer(model, layer, args, kwargs, siblings, outputs.get(id(layer)))
         else:  # not reached by a forward that stopped early: its group's representative's capture, if it fits
             entry = done.get(siblings.group.get(id(layer), -1))
-            if entry is None or not siblings.takes(layer, entry[1]):
+            if entry is None or not siblings.takes(layer, *entry):
                 raise CaptureError(
                     f"layer {index} ({type(layer).__name__}) was not called by the example forward; pass "
                     "example_inputs that run the whole model"

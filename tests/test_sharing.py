@@ -166,3 +166,23 @@ def test_hooks_added_after_inject_run_as_in_eager():
         assert _trace_count(model) == before + traced
         for h in handles:
             h.remove()
+
+
+@pytest.mark.parametrize(("model_type", "dropout", "shared"), [("llama", 0.0, True), ("llama", 0.1, False)])
+def test_one_capture_serves_both_modes_only_where_the_mode_changes_nothing(model_type, dropout, shared):
+    """LLaMA picks its attention dropout with ``self.training``: at probability 0 the train-mode call is the
+    eval-mode one (one capture for both), at 0.1 it is not (a capture per mode). Train mode stays exact."""
+    model = make_model(model_type, num_hidden_layers=2, attention_dropout=dropout)
+    base = copy.deepcopy(model)
+    fxadapt.inject(model, {"a": "seq_bn"})
+    by_mode: dict[bool, set[int]] = {}
+    for key, ids in _captures(model).items():
+        by_mode.setdefault(key[2], set()).update(ids)
+    assert (by_mode[True] == by_mode[False]) is shared
+    _zero_up(model)
+    inputs = make_inputs(model, model_type)
+    model.train(), base.train()
+    torch.manual_seed(3)
+    got = main_output(model(**inputs))
+    torch.manual_seed(3)
+    assert torch.equal(got, main_output(base(**inputs)))
