@@ -184,6 +184,8 @@ class Siblings:
             capture = traced.capture
             if any(c is capture for c in exclude) or not capture.fits(layer, signature, any_mode=True):
                 continue
+            if _dropout_not_called(layer, capture):  # would fail the check: don't pay for it
+                continue
             if not capture.guards_hold(layer, leaves):
                 continue
             try:
@@ -207,6 +209,17 @@ class Siblings:
             ) and traced.capture.guards_hold(layer, leaves):
                 return traced
         return None
+
+
+def _dropout_not_called(layer: nn.Module, capture: Capture) -> bool:
+    """Whether ``layer`` holds an active dropout module its capture never calls: its probability is then used
+    another way in the other mode (``dropout_p=self.dropout.p if self.training else 0.0``), so one capture cannot
+    serve both modes. Only a shortcut: the bit-exact check decides."""
+    called = {str(n.target) for n in capture.graph.nodes if n.op == "call_module"}
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and path not in called
+        for path, m in layer.named_modules()
+    )
 
 
 @dataclass
