@@ -148,7 +148,7 @@ def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple, hooks: int | Non
     number of hooks on traced-through submodules (``hooks``, or counted now), autocast."""
     if hooks is None:
         hooks = hook_count(hook_dicts(layer))
-    metas = tuple(map(_leaf_meta, leaves))
+    metas = tuple([_NONE_META if v is None else _leaf_meta(v) for v in leaves])  # most leaves are None
     if torch._C._is_any_autocast_enabled():
         return (
             spec,
