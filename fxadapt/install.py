@@ -97,6 +97,18 @@ class Siblings:
         self.recorded: tuple[dict, dict] | None = None
         # (id(traced), training) of captures verified to serve the other mode as well (reuse: one trace, two modes)
         self.any_mode: set[tuple[int, bool]] = set()
+        # id(layer) -> layer_signature, while priming (model.prime*): the layers' structure does not change then
+        self.signatures: dict[int, tuple] | None = None
+
+    def signature(self, layer: nn.Module) -> tuple:
+        """``layer_signature(layer)``, computed once per layer while priming."""
+        memo = self.signatures
+        if memo is None:
+            return layer_signature(layer)
+        sig = memo.get(id(layer))
+        if sig is None:
+            sig = memo[id(layer)] = layer_signature(layer)
+        return sig
 
     def add(self, orig: type, key: tuple, traced: Traced, layer: nn.Module | None = None) -> None:
         entries = self.by_key.setdefault((orig, key), [])
@@ -179,7 +191,7 @@ class Siblings:
         modules such as ``nn.Dropout`` follow their own flag at run time), one trace serves both modes. A baked
         difference (an attention dropout probability chosen by ``self.training``) fails the check."""
         flipped = (*key[:2], not key[2], *key[3:])
-        signature = layer_signature(layer)
+        signature = self.signature(layer)
         for traced in self.by_key.get((orig, flipped), ()):
             capture = traced.capture
             if any(c is capture for c in exclude) or not capture.fits(layer, signature, any_mode=True):
@@ -190,7 +202,7 @@ class Siblings:
                 continue
             try:
                 verify_shared(layer, orig.forward, capture, args, kwargs, expected)
-            except CaptureError:
+            except (CaptureError, SizeGuardMiss):
                 continue
             self.any_mode.add((id(traced), key[2]))
             self.add(orig, key, traced)
@@ -202,7 +214,7 @@ class Siblings:
         entries = self.by_key.get((orig, key), ())
         if not entries:
             return None
-        signature = layer_signature(layer)
+        signature = self.signature(layer)
         for traced in entries:
             if traced.capture.fits(
                 layer, signature, self._any_mode(key, traced)

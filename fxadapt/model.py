@@ -6,8 +6,10 @@ carry it. Adapter weights live in each layer under ``fxadapt.<adapter>.<site_key
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,8 +247,9 @@ def prime(
     inputs = prepare_inputs(model, example_inputs)
     # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
     # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
-    with preserved_buffers(model), using(model, None):
-        return _prime(model, layers, inputs, Siblings() if siblings is None else siblings)
+    siblings = Siblings() if siblings is None else siblings
+    with preserved_buffers(model), using(model, None), _signatures(siblings):
+        return _prime(model, layers, inputs, siblings)
 
 
 def prime_variants(
@@ -283,7 +286,7 @@ def prime_variants(
     # capture of that call (trusted, model._prime_calls), so the rest of the forward is not needed
     until = siblings.representatives(layers)
     out: list[list[tuple[tuple, Traced]]] = []
-    with preserved_buffers(model), using(model, None):
+    with preserved_buffers(model), using(model, None), _signatures(siblings):
         for n, batch in enumerate(batches):
             # the other mode reuses this batch's recorded layer calls (same arguments, another mode flag): one
             # trace per layer class, verified against a fresh eager call, no second model forward
@@ -302,6 +305,16 @@ def prime_variants(
                         "fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc
                     )
     return out
+
+
+@contextlib.contextmanager
+def _signatures(siblings: Siblings) -> Iterator[None]:
+    """Layer signatures computed once per layer for the duration of a priming call (``Siblings.signature``)."""
+    previous, siblings.signatures = siblings.signatures, {}
+    try:
+        yield
+    finally:
+        siblings.signatures = previous
 
 
 def _generates(model: nn.Module) -> bool:
