@@ -137,15 +137,12 @@ class Siblings:
     def takes(self, layer: nn.Module, key: tuple, traced: Traced) -> bool:
         """Whether ``layer``, not called itself, may share ``traced`` (its group's capture of a call with guard key
         ``key``): trusted, and the capture fits it (an attribute read only on that call's path may still differ)."""
-        return self.trusted(layer, traced) and traced.capture.fits(
-            layer, any_mode=self._any_mode(key, traced)
-        )
+        any_mode = self._any_mode(key, traced)
+        return self.trusted(layer, traced) and traced.capture.fits(layer, self.signature(layer), any_mode)
 
     def _any_mode(self, key: tuple, traced: Traced) -> bool:
-        return (
-            id(traced),
-            key[2],
-        ) in self.any_mode  # key[2]: the guard key's training flag (guards.guard_key)
+        training = key[2]  # the guard key's training flag (guards.guard_key)
+        return (id(traced), training) in self.any_mode
 
     def reuse(
         self,
@@ -229,7 +226,10 @@ def _dropout_not_called(layer: nn.Module, capture: Capture) -> bool:
     serve both modes. Only a shortcut: the bit-exact check decides."""
     called = {str(n.target) for n in capture.graph.nodes if n.op == "call_module"}
     return any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and path not in called
+        isinstance(m, nn.modules.dropout._DropoutNd)
+        and m.p > 0
+        and path not in called
+        and path.split(".", 1)[0] != "fxadapt"  # the adapter container (an adapter's own dropout)
         for path, m in layer.named_modules()
     )
 
