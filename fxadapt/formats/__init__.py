@@ -45,6 +45,8 @@ __all__ = [
     "read_tensors",
     "save",
     "site_reports",
+    "split_key",
+    "unmapped_keys",
 ]
 
 logger = logging.getLogger("fxadapt")
@@ -315,6 +317,20 @@ class Translated:
     weights: dict[WeightKey, torch.Tensor]
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # model parameter name -> tensor
     source: str = ""
+
+
+def split_key(key: str, marker: str, name: str) -> tuple[str, str] | None:
+    """``(module path, parameter)`` of ``<module path>.<marker>.<name>.<parameter>``."""
+    dotted = "." + key
+    at = dotted.find(f".{marker}.{name}.")
+    return None if at < 0 else (dotted[1:at], dotted[at + len(marker) + len(name) + 3 :])
+
+
+def unmapped_keys(model: nn.Module, source: str, keys: list[str]) -> CheckpointError:
+    """The error for checkpoint keys that name no site of ``model``."""
+    return CheckpointError(
+        f"{source}: keys that map to no site of {type(model).__name__}: {listed(sorted(keys))}"
+    )
 
 
 def ordered(kinds: Any) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ def read_union(model: nn.Module, data: dict, tensors: dict, name: str, source: s
     from ..methods.union import ConfigUnion
     from . import adapterhub as ah
     from . import adapterhub_bottleneck as bn
+    from . import adapterhub_lora as lora
 
     members = _members(data, source)
     reports = site_reports(model)
@@ -75,7 +76,7 @@ def read_union(model: nn.Module, data: dict, tensors: dict, name: str, source: s
             got = prompts.prompt_weights(model, prompt_keys, name, source)
         elif member.get("architecture") == "lora":
             config = ah.lora_config(full, "adapters.union", source)
-            got, sites, used = ah._lora_weights(model, lora_keys, name, reports, config, source)
+            got, sites, used = lora.read_lora_weights(model, lora_keys, name, reports, config, source)
             config = config.replace(
                 sites=sites, leave_out=tuple(i for i in range(len(reports)) if i not in used)
             )
@@ -111,6 +112,7 @@ def write_union(model: nn.Module, record: Any, params: dict, name: str) -> tuple
     """AdapterHub's union dict and tensors of an fxadapt union adapter."""
     from ..parts import components
     from . import adapterhub as ah
+    from . import adapterhub_lora as lora
     from . import adapterhub_prompts as prompts
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -139,8 +141,8 @@ def write_union(model: nn.Module, record: Any, params: dict, name: str) -> tuple
                     f"AdapterHub's LoRA adapts projections inside the layers only; the LoRA member of adapter "
                     f"{name!r} also adapts {outside}"
                 )
-            data = ah._lora_dict(member, model_type, {k for _, k in sub.sites})
-            t = ah._lora_tensors(
+            data = lora.lora_config_dict(member, model_type, {k for _, k in sub.sites})
+            t = lora.lora_tensors(
                 model, sub, sub_params, name, ah.LayerPaths(model), member, data["attn_matrices"]
             )
         else:
