@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -37,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # bench/ holds kernels.py, and the script's folder comes first on sys.path: transformers probes for the hub
 # ``kernels`` package by importing it, got bench/kernels.py (which imports fxadapt, which imports transformers'
 # Trainer) and failed with a circular import. Nothing here imports from bench/, so drop the folder.
-from machine import cpu_run_info
+from machine import append_rows, cpu_run_info
 
 if (_here := str(Path(__file__).resolve().parent)) in sys.path:
     sys.path.remove(_here)
@@ -204,12 +203,7 @@ def main() -> None:
     print(table(rows))
     print(f"# ratio vs the base model in this process; {time.perf_counter() - t0:.0f} s (setup "
           f"{rows[0]['setup_s']:.1f} s), load {rows[0]['load_before']} -> {rows[0]['load_after']}")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps({"time": stamp, "bench": "compose", **info, **r}) + "\n")
+    out = append_rows(args.out, "compose", info, rows)
     print(f"# appended {len(rows)} rows to {out}")
 
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
-from machine import cpu_run_info
+from machine import append_rows, cpu_run_info
 
 # then drop bench/ from the path: transformers probes for the hub ``kernels`` package and would get bench/kernels.py
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -128,12 +127,8 @@ def main() -> None:
             print(f"{r['model']:<10} {r['provider']:<24} {r['n']:>2} {r['per_layer_ms']:9.1f} "
                   f"{r['vs_eager_forward']:11.1f} {caps:>8}", flush=True)  # fmt: skip
             rows.append(r)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps({"time": stamp, "bench": "inject", **info, **r}) + "\n")
+    out = append_rows(args.out, "inject", info, rows)
+    print(f"# appended {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

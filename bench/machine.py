@@ -1,9 +1,12 @@
-"""What a CPU benchmark row records about the run: CPU name, git SHA, uncommitted fxadapt changes (stdlib only)."""
+"""What a CPU benchmark row records about the run (CPU name, git SHA, uncommitted fxadapt changes) and where the
+rows go (stdlib only)."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +32,14 @@ def cpu_run_info() -> dict:
         "git_sha": git("rev-parse", "--short", "HEAD"),
         "fxadapt_dirty": bool(git("status", "--porcelain", "--", "fxadapt")),
     }
+
+
+def append_rows(out: str | Path, bench: str, info: dict, rows: list[dict]) -> Path:
+    """Append ``rows`` to the JSONL file ``out``, one line each, stamped with the time, ``bench`` and ``info``."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({"time": stamp, "bench": bench, **info, **r}) + "\n")
+    return path
