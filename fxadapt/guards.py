@@ -51,9 +51,6 @@ class CaptureFailure(Exception):
 # Guard keys
 
 
-_CONTAINERS = (tuple, list, dict)
-
-
 def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], tuple]:
     """Flatten a call into leaves and a structure key (plain nested tuples: hashable, also under torch.compile).
 
@@ -126,10 +123,10 @@ def _leaf_meta(value: Any) -> Any:
 
 def hook_dicts(layer: nn.Module) -> tuple[dict, ...]:
     """The hook dicts that matter to a capture: those of the submodules generated code traces through. The layer's
-    own hooks run in its ``__call__``, outside the generated code; a module without children is always a leaf call
-    of the generated code (``tracer.is_leaf_module``), so its hooks fire as usual and cannot change a capture; so
-    are fxadapt's adapter modules. Cached per layer (``LayerState.hooks``): counting is a few ``len`` calls, not
-    a module walk per call."""
+    own hooks run in its ``__call__``, outside the generated code. A module without children, like each of
+    fxadapt's adapter modules, is always a leaf call of the generated code (``tracer.is_leaf_module``): its hooks
+    fire as usual and cannot change a capture. Cached per layer (``LayerState.hooks``): counting is a few ``len``
+    calls, not a module walk per call."""
     out: list[dict] = []
     for name, m in layer.named_modules():
         if m is layer or name.split(".", 1)[0] == "fxadapt":  # "fxadapt": the adapter container (model.py)
