@@ -1,12 +1,14 @@
 """Per-layer-call dispatch cost of an injected layer: what the installed ``forward`` does before and after the
-generated code (current plan, flatten the call, guard key, runner lookup), on the very call the model makes.
+generated code (current plan, hook count, call key, runner lookup), on the very call the model makes.
 
 Usage: .venv/bin/python bench/dispatch.py [--model bert|llama] [--calls 20000]
 
 Measured with the layer's generated code swapped for a no-op of the same signature, so that what is timed is the
 dispatch alone (subtracting two timings of a ~300 us layer call cannot resolve a few microseconds on a shared CPU).
 Also printed: the cumulative cost of each step, and the generated code's own time for scale.
-``nn.Module.__call__`` is left out (the base layer pays it as well). One thread; issue 14's target: <= 3 us.
+``nn.Module.__call__`` is left out (the base layer pays it as well), and so is entering a ``forward(self, *args,
+**kwargs)`` with the layer's arguments (timed on an empty function of that signature and printed as "entering";
+the base layer's own ``forward`` binds the same arguments). One thread; issue 14's target: <= 3 us.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import transformers as tf  # noqa: E402
 
 import fxadapt  # noqa: E402
 from fxadapt.calls import current_plan  # noqa: E402
-from fxadapt.capture import flatten_call, guard_key, record_layer_calls  # noqa: E402
+from fxadapt.capture import record_layer_calls  # noqa: E402
+from fxadapt.guards import call_key  # noqa: E402
 from fxadapt.install import layer_state  # noqa: E402
 from fxadapt.model import layers_of  # noqa: E402
 
@@ -59,8 +62,7 @@ def main() -> None:
     call_args, call_kwargs = calls[id(layer)]
     state = layer_state(layer)
     _, runners = current_plan(state)
-    leaves, spec = flatten_call(call_args, call_kwargs)
-    key = guard_key(layer, leaves, spec, state.hooks(layer))
+    leaves, _, key = call_key(layer, call_args, call_kwargs, state.hooks(layer))
     entries = runners[key]
     forward = type(
         layer
@@ -75,9 +77,9 @@ def main() -> None:
         def fn():
             current_plan(state)
             if upto > 1:
-                lv, sp = flatten_call(call_args, call_kwargs)
+                hooks = state.hooks(layer)
                 if upto > 2:
-                    guard_key(layer, lv, sp, state.hooks(layer))
+                    call_key(layer, call_args, call_kwargs, hooks)
 
         return fn
 
@@ -88,11 +90,17 @@ def main() -> None:
         try:
             empty = best(lambda: None)
             parts = [best(steps(i)) - empty for i in (1, 2, 3)]
-            total = best(lambda: forward(layer, *call_args, **call_kwargs)) - empty
+
+            def entering(self, *a, **k):
+                return None
+
+            enter = best(lambda: entering(layer, *call_args, **call_kwargs)) - empty
+            total = best(lambda: forward(layer, *call_args, **call_kwargs)) - empty - enter
         finally:
             entries[:] = real
-    print(f"{args.model}: dispatch {total:.1f} us per layer call (plan {parts[0]:.1f}, + flatten {parts[1]:.1f}, "
-          f"+ guard key {parts[2]:.1f}, + lookup and call {total:.1f}); generated code alone {code:.0f} us")  # fmt: skip
+    print(f"{args.model}: dispatch {total:.1f} us per layer call (plan {parts[0]:.1f}, + hook count {parts[1]:.1f}, "
+          f"+ call key {parts[2]:.1f}, + lookup and call {total:.1f}; entering forward {enter:.1f}); generated code alone "
+          f"{code:.0f} us")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .graphs import replay_forward_hooks
 __all__ = [
     "CaptureFailure",
     "SizeGuardMiss",
+    "call_key",
     "compile_graph",
     "flatten_call",
     "guard_key",
@@ -137,7 +138,7 @@ def hook_dicts(layer: nn.Module) -> tuple[dict, ...]:
 
 
 def hook_count(dicts: tuple[dict, ...]) -> int:
-    return sum(map(len, dicts))
+    return sum(map(len, dicts)) if any(dicts) else 0  # usually none: one C-level pass over the dicts
 
 
 def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple, hooks: int | None = None) -> tuple:
@@ -156,6 +157,79 @@ def guard_key(layer: nn.Module, leaves: list[Any], spec: tuple, hooks: int | Non
             torch.is_autocast_enabled("cuda"),
         )
     return spec, metas, layer.training, hooks, False, False  # the usual case: one check instead of two
+
+
+def call_key(layer: nn.Module, args: tuple, kwargs: dict, hooks: int) -> tuple[list[Any], tuple, tuple]:
+    """``(leaves, spec, key)`` of a layer call: what :func:`flatten_call` and :func:`guard_key` return, computed
+    on dispatch's hot path by code generated once per kind of call (positional count and keyword names). That code
+    unpacks the arguments straight into leaves, checks that nested containers still have the sampled types and
+    lengths, and builds the leaf metadata inline. A call that differs (another nesting, a container where a leaf
+    was, autocast on) takes the general path, with the same result."""
+    sig = (len(args), tuple(kwargs))
+    keyer = _KEYERS.get(sig, _MISSING)
+    if keyer is _MISSING:
+        keyer = _make_keyer(args, kwargs)
+        if len(_KEYERS) < 1024:
+            _KEYERS[sig] = keyer
+    if keyer is not None and not torch._C._is_any_autocast_enabled():
+        try:
+            return keyer(args, kwargs, layer.training, hooks)
+        except _Restructured:
+            pass
+    leaves, spec = flatten_call(args, kwargs)
+    return leaves, spec, guard_key(layer, leaves, spec, hooks)
+
+
+_KEYERS: dict[tuple, Any] = {}  # (positional count, keyword names) -> generated keyer, or None (general path)
+
+
+class _Restructured(Exception):
+    """Raised by a generated keyer for a call whose nesting differs from the one it was generated for."""
+
+
+def _checked_meta(value: Any) -> Any:
+    """``_leaf_meta`` for a generated keyer's leaf position, which must not hold a container now."""
+    t = type(value)
+    if t is tuple or t is list or t is dict:
+        raise _Restructured
+    return _leaf_meta(value)
+
+
+def _make_keyer(args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+    """Generate the keyer for calls shaped like this one (see :func:`call_key`); None where nesting is too deep
+    or holds a dict (rare in layer calls: the general path serves them)."""
+    _, spec = flatten_call(args, kwargs)
+    lines: list[str] = []
+    leaves: list[str] = []
+
+    def emit(var: str, value: Any, depth: int) -> bool:
+        t = type(value)
+        if t is dict or depth > 4:
+            return False
+        if t is tuple or t is list:
+            lines.append(f"    if type({var}) is not {t.__name__} or len({var}) != {len(value)}: raise R")
+            subs = [f"{var}_{i}" for i in range(len(value))]
+            if subs:
+                lines.append(f"    {', '.join(subs)}, = {var}")
+            return all(emit(sub, v, depth + 1) for sub, v in zip(subs, value))
+        leaves.append(var)
+        return True
+
+    top = [f"a{i}" for i in range(len(args))] + [f"k{i}" for i in range(len(kwargs))]
+    if args:
+        lines.append(f"    {', '.join(top[: len(args)])}, = args")
+    if kwargs:
+        lines.append(f"    {', '.join(top[len(args) :])}, = kwargs.values()")
+    if not all(emit(var, v, 0) for var, v in zip(top, (*args, *kwargs.values()))):
+        return None
+    metas = [f"N if {v} is None else (('T', {v}.dtype, {v}.dim(), {v}.device) if type({v}) is Tensor else M({v}))"
+             for v in leaves]  # fmt: skip
+    lines.append(f"    return [{', '.join(leaves)}], S, (S, ({''.join(m + ', ' for m in metas)}), training, hooks, "
+                 "False, False)")  # fmt: skip
+    src = "def keyer(args, kwargs, training, hooks):\n" + "\n".join(lines) + "\n"
+    namespace = {"R": _Restructured, "N": _NONE_META, "Tensor": torch.Tensor, "M": _checked_meta, "S": spec}
+    exec(compile(src, "<fxadapt call keyer>", "exec"), namespace)
+    return namespace["keyer"]
 
 
 def _is_dynamic(value: Any) -> bool:

@@ -24,14 +24,12 @@ from .calls import current_plan
 from .capture import (
     Capture,
     SizeGuardMiss,
-    flatten_call,
-    guard_key,
     layer_signature,
     trace_layer,
     verify_shared,
 )
 from .errors import CaptureError
-from .guards import hook_count, hook_dicts
+from .guards import call_key, hook_count, hook_dicts
 from .rewrite import LayerPlan, build_runner
 from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
@@ -431,8 +429,7 @@ def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     plan, runners = current_plan(state)  # serve: a per-call setup (fxadapt.using) wins over the active one
     if not plan.sites:
         return state.orig_class.forward(self, *args, **kwargs)
-    leaves, spec = flatten_call(args, kwargs)
-    key = guard_key(self, leaves, spec, state.hooks(self))
+    leaves, _, key = call_key(self, args, kwargs, state.hooks(self))
     entries = runners.get(key)
     if entries:  # the usual case, inline: one capture for this key and no guards to check
         capture, runner, _ = entries[0]

@@ -286,24 +286,27 @@ def prime_variants(
     # capture of that call (trusted, model._prime_calls), so the rest of the forward is not needed
     until = siblings.representatives(layers)
     out: list[list[tuple[tuple, Traced]]] = []
+    # each batch is recorded once, in the model's own mode; the other mode reuses its recorded layer calls (same
+    # arguments, another mode flag): one trace per layer class, verified against a fresh eager call, no second
+    # model forward. Mode-major order: the model switches mode once, not once per batch.
+    records: dict[int, tuple[dict, dict]] = {} if siblings.recorded is None else {0: siblings.recorded}
     with preserved_buffers(model), using(model, None), _signatures(siblings):
-        for n, batch in enumerate(batches):
-            # the other mode reuses this batch's recorded layer calls (same arguments, another mode flag): one
-            # trace per layer class, verified against a fresh eager call, no second model forward
-            recorded = siblings.recorded if n == 0 else None
-            modes = (primary,) if bound else (primary, not primary)
-            for training in modes[1:] if n == 0 else modes:
-                try:
-                    with _mode(model, training):
-                        if recorded is None:
-                            recorded = _record(model, layers, batch, until)
-                            out.append(_prime_calls(model, layers, *recorded, siblings))
+        for training in (primary,) if bound else (primary, not primary):
+            # the model's own mode is left as it is (submodules the user put in another mode stay so)
+            with _mode(model, None if training == primary else training):
+                for n, batch in enumerate(batches):
+                    if n == 0 and training == primary:
+                        continue  # the priming call itself (model.prime)
+                    try:
+                        if n not in records:
+                            records[n] = _record(model, layers, batch, until)
+                            out.append(_prime_calls(model, layers, *records[n], siblings))
                         else:
-                            out.append(_prime_calls(model, layers, recorded[0], {}, siblings))
-                except FxAdaptError as exc:  # this kind of call is traced lazily at its first use instead
-                    logger.debug(
-                        "fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc
-                    )
+                            out.append(_prime_calls(model, layers, records[n][0], {}, siblings))
+                    except FxAdaptError as exc:  # this kind of call is traced lazily at its first use instead
+                        logger.debug(
+                            "fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc
+                        )
     return out
 
 
