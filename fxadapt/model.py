@@ -305,7 +305,9 @@ def prime_variants(
                             out.append(_prime_calls(model, layers, records[n][0], {}, siblings))
                     except FxAdaptError as exc:  # this kind of call is traced lazily at its first use instead
                         logger.debug(
-                            "fxadapt: not priming a call variant (%s): %s", "train" if training else "eval", exc
+                            "fxadapt: not priming a call variant (%s): %s",
+                            "train" if training else "eval",
+                            exc,
                         )
     return out
 

@@ -44,7 +44,9 @@ _VALUES = st.recursive(
     ),
     max_leaves=8,
 )
-_NAMES = st.lists(st.sampled_from(["attention_mask", "position_embeddings", "cache", "use_cache"]), unique=True)
+_NAMES = st.lists(
+    st.sampled_from(["attention_mask", "position_embeddings", "cache", "use_cache"]), unique=True
+)
 
 
 def _general(layer: torch.nn.Module, args: tuple, kwargs: dict, hooks: int):
@@ -85,7 +87,10 @@ def test_keyer_under_autocast_and_after_a_restructured_call():
         ((x,), {"position_embeddings": (cos, sin), "attention_mask": None}),
         ((x,), {"position_embeddings": (cos, sin, cos), "attention_mask": None}),  # another length
         ((x,), {"position_embeddings": [cos, sin], "attention_mask": None}),  # a list now
-        (((x, x),), {"position_embeddings": (cos, sin), "attention_mask": (cos,)}),  # a container where a leaf was
+        (
+            ((x, x),),
+            {"position_embeddings": (cos, sin), "attention_mask": (cos,)},
+        ),  # a container where a leaf was
         ((x,), {"position_embeddings": cos, "attention_mask": None}),  # a leaf where a container was
     ]
     for args, kwargs in kinds:
