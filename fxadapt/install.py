@@ -29,7 +29,7 @@ from .capture import (
     verify_shared,
 )
 from .errors import CaptureError
-from .guards import call_key, hook_count, hook_dicts
+from .guards import _NONE_META, call_key, hook_count, hook_dicts
 from .rewrite import LayerPlan, build_runner
 from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
@@ -160,7 +160,8 @@ class Siblings:
         if traced is not None and any(c is traced.capture for c in exclude):
             return None
         if traced is None:
-            return self._other_mode(orig, key, layer, args, kwargs, leaves, expected, exclude)
+            found = self._other_mode(orig, key, layer, args, kwargs, leaves, expected, exclude)
+            return found or self._none_for_tensor(orig, key, layer, args, kwargs, leaves, expected, exclude)
         if self.trusted(layer, traced):
             return traced
         try:
@@ -203,6 +204,52 @@ class Siblings:
             self.add(orig, key, traced)
             self.shared(layer, traced)
             return traced
+        return None
+
+    def _none_for_tensor(
+        self,
+        orig: type,
+        key: tuple,
+        layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        leaves: list[Any],
+        expected: Any,
+        exclude: tuple[Capture, ...],
+    ) -> Traced | None:
+        """The capture of the same kind of call with a tensor where this call passes None, if it reproduces this
+        call bit for bit. A batch without padding reaches the layers with no attention mask; where the traced
+        path only hands the mask to an op that reads None as "no mask" (``scaled_dot_product_attention``), the
+        padded batch's capture serves it too. A Python branch on ``mask is None`` (``is_causal`` chosen by it, a
+        mask added to the scores) fails the check: the generated code cannot take it."""
+        spec, metas, rest = key[0], key[1], key[2:]
+        if _NONE_META not in metas:
+            return None
+        signature = self.signature(layer)
+        for (other_orig, other), entries in list(self.by_key.items()):
+            if other_orig is not orig or other[0] != spec or other[2:] != rest or len(other[1]) != len(metas):
+                continue
+            swapped = [i for i, (a, b) in enumerate(zip(metas, other[1])) if a != b]
+            if not swapped or any(metas[i] != _NONE_META or other[1][i][0] != "T" for i in swapped):
+                continue  # not the same call with tensors for some of its Nones
+            for traced in entries:
+                capture = traced.capture
+                if (
+                    any(c is capture for c in exclude)
+                    or capture.value_guards  # flags read from inputs: not evaluated on a None
+                    or not all(i in capture.dynamic for i in swapped)
+                    or not capture.fits(layer, signature, self._any_mode(other, traced))
+                ):
+                    continue
+                try:
+                    verify_shared(layer, orig.forward, capture, args, kwargs, expected)
+                except Exception:  # the traced path does not take None there (an op on it)
+                    continue
+                if self._any_mode(other, traced):
+                    self.any_mode.add((id(traced), key[2]))
+                self.add(orig, key, traced)
+                self.shared(layer, traced)
+                return traced
         return None
 
     def find(self, orig: type, key: tuple, layer: nn.Module, leaves: list[Any]) -> Traced | None:

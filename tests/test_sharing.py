@@ -50,6 +50,10 @@ def test_siblings_share_one_capture_and_stay_exact(model_type):
     base = copy.deepcopy(model)
     fxadapt.inject(model, {"a": "double_seq_bn"})
     assert all(len(c) == 1 for c in _captures(model).values())  # 4 layers, one capture per kind of call
+    # and the kinds share: a padded batch's capture serves the unpadded one (no mask reaches the attention
+    # function, which takes None); BERT: one per mode (its attention dropout is chosen by the mode); LLaMA
+    # (attention dropout 0): one without and one with a KV cache
+    assert len({i for ids in _captures(model).values() for i in ids}) == 2
     _zero_up(model)
     for inputs in _kinds(model, model_type):
         for training in (False, True):
@@ -186,3 +190,56 @@ def test_one_capture_serves_both_modes_only_where_the_mode_changes_nothing(model
     got = main_output(model(**inputs))
     torch.manual_seed(3)
     assert torch.equal(got, main_output(base(**inputs)))
+
+
+class _AttentionBlock(torch.nn.Module):
+    """Attention with an optional mask; ``causal_without_mask``: no mask means causal (a Python branch on None
+    that a trace bakes in, so a capture made with a mask cannot serve a call without one)."""
+
+    def __init__(self, causal_without_mask: bool):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.out = torch.nn.Linear(8, 8)
+        self.causal_without_mask = causal_without_mask
+
+    def forward(self, x, mask=None):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        causal = mask is None and self.causal_without_mask
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return x + self.out(a)
+
+
+class _AttentionNet(torch.nn.Module):
+    def __init__(self, causal_without_mask: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([_AttentionBlock(causal_without_mask) for _ in range(3)])
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+@pytest.mark.parametrize("causal_without_mask", [False, True])
+def test_a_call_without_mask_shares_the_masked_capture_only_where_it_computes_the_same(causal_without_mask):
+    """A None where the capture had a tensor: shared when the traced path just hands it to an op taking None
+    (one capture for both calls), traced anew when a Python branch on ``mask is None`` changed the code."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 8, generator=gen)
+    mask = torch.ones(2, 5, 5, dtype=torch.bool).tril()
+    mask[-1, :, -2:] = False
+    mask[-1, -2:, -2:] = torch.eye(2, dtype=torch.bool)  # padded rows attend to themselves (no all-False row)
+    model = _AttentionNet(causal_without_mask).eval()
+    base = copy.deepcopy(model)
+    fxadapt.inject(model, {"l": fxadapt.LoRAConfig(sites=("linear:out",))}, example_inputs=(x, mask))
+    with torch.no_grad():
+        for m in (mask, None, mask):
+            assert torch.equal(model(x, m), base(x, m))  # LoRA starts at zero: the base model's output
+    layer = layers_of(model)[1][0]
+    traced = {key: ts for key, ts in layer_state(layer).traced.items() if not key[2]}  # eval mode's
+    captures = {id(t.capture) for ts in traced.values() for t in ts}
+    assert len(traced) == 2  # two kinds of call: with and without a mask
+    assert len(captures) == (2 if causal_without_mask else 1)
+    with torch.no_grad():  # and no result differs between the layers sharing a capture
+        assert torch.equal(model(x * 2, None), base(x * 2, None))
