@@ -56,14 +56,13 @@ from .guards import (
 )
 from .layers import find_layer_lists, record_layer_calls
 from .provenance import annotate_features
+from .reads import attribute_reads, plain_int
 from .tracer import (
     _LayerTracer,
     _module_state,
     _script_functions,
     _TracePatches,
     _value_kind,
-    attribute_reads,
-    plain_int,
 )
 from .tracing import gate, traced
 
