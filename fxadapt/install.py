@@ -135,8 +135,10 @@ class Siblings:
     def takes(self, layer: nn.Module, key: tuple, traced: Traced) -> bool:
         """Whether ``layer``, not called itself, may share ``traced`` (its group's capture of a call with guard key
         ``key``): trusted, and the capture fits it (an attribute read only on that call's path may still differ)."""
-        any_mode = self._any_mode(key, traced)
-        return self.trusted(layer, traced) and traced.capture.fits(layer, self.signature(layer), any_mode)
+        if not self.trusted(layer, traced):
+            return False
+        # trusted: its structure was found equal to the group's when it joined, so only the reads are compared
+        return traced.capture.fits(layer, traced.capture.signature, self._any_mode(key, traced))
 
     def _any_mode(self, key: tuple, traced: Traced) -> bool:
         training = key[2]  # the guard key's training flag (guards.guard_key)

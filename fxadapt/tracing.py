@@ -114,7 +114,7 @@ def unpatched() -> Iterator[None]:
     invalidates the type caches of every module class, ~0.2 ms a time), else by fx's own revert and reapply."""
     global _EVALUATING
     patcher = fx_trace.CURRENT_PATCHER
-    if patcher is not None and not all(hasattr(p.new_fn, "__fxadapt_gated__") for p in patcher.patches_made):
+    if patcher is not None and not _all_gated(patcher):
         with fx_trace._maybe_revert_all_patches():
             yield
         return
@@ -123,6 +123,18 @@ def unpatched() -> Iterator[None]:
         yield
     finally:
         _EVALUATING -= 1
+
+
+def _all_gated(patcher: Any) -> bool:
+    """Whether every patch ``patcher`` made so far is gated (memoised on it by patch count: asked per traced op)."""
+    made = patcher.patches_made
+    memo = patcher.__dict__.get("_fxadapt_all_gated")
+    if memo is None or memo[0] != len(made):
+        memo = patcher._fxadapt_all_gated = (
+            len(made),
+            all(hasattr(p.new_fn, "__fxadapt_gated__") for p in made),
+        )
+    return memo[1]
 
 
 def _attention_classes() -> list[type]:
