@@ -59,10 +59,13 @@ class Traced:
     report: SiteReport
     compiled: dict[Any, tuple[Callable[..., Any], str, list[str]]] = field(default_factory=dict)
 
-    def runner(self, layer: nn.Module, plan: LayerPlan) -> tuple[Callable[..., Any], str, list[str]]:
+    def runner(
+        self, layer: nn.Module, plan: LayerPlan, key: Any = None
+    ) -> tuple[Callable[..., Any], str, list[str]]:
         """``(runner, source, lowering notes)`` of ``plan`` on this capture, built once for all layers sharing it
-        (the generated code names modules by their path inside the layer, so siblings run the same code)."""
-        key = plan_key(plan)
+        (the generated code names modules by their path inside the layer, so siblings run the same code).
+        ``key``: ``plan_key(plan)`` when the caller has it already."""
+        key = plan_key(plan) if key is None else key
         entry = self.compiled.get(key)
         if entry is None:
             notes: list[str] = []
@@ -452,11 +455,12 @@ class LayerState:
         plan, runners = (self.plan, self.runners) if plan is None else (plan, runners)
         if not plan:
             return
+        compiled = plan_key(plan)  # once for all of this layer's captures
         for key, traced_list in list(self.traced.items()):
             for traced in traced_list:
                 if any(capture is traced.capture for capture, _, _ in runners.get(key, ())):
                     continue
-                runner, source, notes = traced.runner(layer, plan)
+                runner, source, notes = traced.runner(layer, plan, compiled)
                 runners.setdefault(key, []).append((traced.capture, runner, source))
                 self.notes = notes
 
