@@ -201,14 +201,11 @@ class Siblings:
                 continue
             if not capture.guards_hold(layer, leaves):
                 continue
-            try:
-                verify_shared(layer, orig.forward, capture, args, kwargs, expected)
-            except (CaptureError, SizeGuardMiss):
-                continue
-            self.any_mode.add((id(traced), key[2]))
-            self.add(orig, key, traced)
-            self.shared(layer, traced)
-            return traced
+            if self._share_if_exact(
+                orig, key, layer, traced, args, kwargs, expected, (CaptureError, SizeGuardMiss)
+            ):
+                self.any_mode.add((id(traced), key[2]))
+                return traced
         return None
 
     def _none_for_tensor(
@@ -246,16 +243,32 @@ class Siblings:
                     or not capture.fits(layer, signature, self._any_mode(other, traced))
                 ):
                     continue
-                try:
-                    verify_shared(layer, orig.forward, capture, args, kwargs, expected)
-                except Exception:  # the traced path does not take None there (an op on it)
-                    continue
-                if self._any_mode(other, traced):
-                    self.any_mode.add((id(traced), key[2]))
-                self.add(orig, key, traced)
-                self.shared(layer, traced)
-                return traced
+                # any error: the traced path does not take None there (an op on it); other[2:] == key[2:], so a
+                # capture serving both modes under ``other`` does so under ``key`` too (the same any_mode entry)
+                if self._share_if_exact(orig, key, layer, traced, args, kwargs, expected, Exception):
+                    return traced
         return None
+
+    def _share_if_exact(
+        self,
+        orig: type,
+        key: tuple,
+        layer: nn.Module,
+        traced: Traced,
+        args: tuple,
+        kwargs: dict,
+        expected: Any,
+        errors: type[BaseException] | tuple[type[BaseException], ...],
+    ) -> bool:
+        """Check ``traced`` bit for bit against this call of ``layer`` (``errors``: what counts as a failed
+        check); if it holds, register it for ``key`` and put ``layer`` in its origin's group."""
+        try:
+            verify_shared(layer, orig.forward, traced.capture, args, kwargs, expected)
+        except errors:
+            return False
+        self.add(orig, key, traced)
+        self.shared(layer, traced)
+        return True
 
     def find(self, orig: type, key: tuple, layer: nn.Module, leaves: list[Any]) -> Traced | None:
         entries = self.by_key.get((orig, key), ())
@@ -455,12 +468,12 @@ class LayerState:
         plan, runners = (self.plan, self.runners) if plan is None else (plan, runners)
         if not plan:
             return
-        compiled = plan_key(plan)  # once for all of this layer's captures
+        pkey = plan_key(plan)  # once for all of this layer's captures
         for key, traced_list in list(self.traced.items()):
             for traced in traced_list:
                 if any(capture is traced.capture for capture, _, _ in runners.get(key, ())):
                     continue
-                runner, source, notes = traced.runner(layer, plan, compiled)
+                runner, source, notes = traced.runner(layer, plan, pkey)
                 runners.setdefault(key, []).append((traced.capture, runner, source))
                 self.notes = notes
 
