@@ -100,6 +100,7 @@ class Siblings:
         self.any_mode: set[tuple[int, bool]] = set()
         # id(layer) -> layer_signature, while priming (model.prime*): the layers' structure does not change then
         self.signatures: dict[int, tuple] | None = None
+        self.hook_memo: dict[int, tuple[dict, ...]] | None = None  # id(layer) -> hook_dicts, likewise
 
     def signature(self, layer: nn.Module) -> tuple:
         """``layer_signature(layer)``, computed once per layer while priming."""
@@ -110,6 +111,17 @@ class Siblings:
         if sig is None:
             sig = memo[id(layer)] = layer_signature(layer)
         return sig
+
+    def hooks(self, layer: nn.Module) -> int:
+        """How many hooks ``layer``'s traced-through submodules have (``guards.hook_dicts`` found once per layer
+        while priming)."""
+        memo = self.hook_memo
+        if memo is None:
+            return hook_count(hook_dicts(layer))
+        dicts = memo.get(id(layer))
+        if dicts is None:
+            dicts = memo[id(layer)] = hook_dicts(layer)
+        return hook_count(dicts)
 
     def add(self, orig: type, key: tuple, traced: Traced, layer: nn.Module | None = None) -> None:
         entries = self.by_key.setdefault((orig, key), [])

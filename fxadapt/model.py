@@ -20,14 +20,13 @@ from .calls import using
 from .capture import (
     VERIFY_SEED,
     find_layer_lists,
-    flatten_call,
-    guard_key,
     record_layer_calls,
     seed_rng,
     trace_layer,
 )
 from .compose import Block, Fuse, parallel_channels
 from .errors import AdapterNotFoundError, CaptureError, FxAdaptError, nearest
+from .guards import call_key
 from .install import LayerState, Siblings, Traced, layer_state
 from .methods.base import AdapterConfig
 from .parts import governing_config
@@ -36,6 +35,7 @@ from .quantized import mode_bound
 from .rewrite import AdapterRef, LayerPlan, SitePlan, site_key
 from .rollback import preserved_buffers
 from .sites import find_sites
+from .tracing import tracing_scope
 
 __all__ = [
     "AdapterRecord",
@@ -248,7 +248,7 @@ def prime(
     # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
     # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
     siblings = Siblings() if siblings is None else siblings
-    with preserved_buffers(model), using(model, None), _signatures(siblings):
+    with tracing_scope(), preserved_buffers(model), using(model, None), _signatures(siblings):
         return _prime(model, layers, inputs, siblings)
 
 
@@ -290,7 +290,7 @@ def prime_variants(
     # arguments, another mode flag): one trace per layer class, verified against a fresh eager call, no second
     # model forward. Mode-major order: the model switches mode once, not once per batch.
     records: dict[int, tuple[dict, dict]] = {} if siblings.recorded is None else {0: siblings.recorded}
-    with preserved_buffers(model), using(model, None), _signatures(siblings):
+    with tracing_scope(), preserved_buffers(model), using(model, None), _signatures(siblings):
         for training in (primary,) if bound else (primary, not primary):
             # the model's own mode is left as it is (submodules the user put in another mode stay so)
             with _mode(model, None if training == primary else training):
@@ -314,12 +314,14 @@ def prime_variants(
 
 @contextlib.contextmanager
 def _signatures(siblings: Siblings) -> Iterator[None]:
-    """Layer signatures computed once per layer for the duration of a priming call (``Siblings.signature``)."""
-    previous, siblings.signatures = siblings.signatures, {}
+    """Layer signatures and hook dicts computed once per layer for the duration of a priming call
+    (``Siblings.signature``, ``Siblings.hooks``): the layers' structure does not change while priming."""
+    previous = siblings.signatures, siblings.hook_memo
+    siblings.signatures, siblings.hook_memo = {}, {}
     try:
         yield
     finally:
-        siblings.signatures = previous
+        siblings.signatures, siblings.hook_memo = previous
 
 
 def _generates(model: nn.Module) -> bool:
@@ -383,8 +385,7 @@ def _prime_layer(
     """The capture for this call of ``layer``: an installed one whose guards hold, a sibling's (verified against
     this layer's own eager output), or a new trace. ``recorded``: the output of the recorded call, the eager
     reference when the layer is not installed yet (an installed layer's recorded call ran its captured code)."""
-    leaves, spec = flatten_call(args, kwargs)
-    key = guard_key(layer, leaves, spec)
+    leaves, _, key = call_key(layer, args, kwargs, siblings.hooks(layer))
     state: LayerState | None = layer_state(layer)
     traced = state.find_traced(layer, key, leaves) if state is not None else None
     if traced is not None:

@@ -157,7 +157,10 @@ def test_adapter_ids_need_a_per_row_setup():
         got = main_output(model(**inputs, adapter_ids=[1, 0]))
     with torch.no_grad():
         fxadapt.activate(model, "b")
-        assert torch.equal(got[:1], main_output(model(**{k: v[:1] for k, v in inputs.items()})))
+        # the same batch (a matmul's rounding may depend on the batch size)
+        assert torch.equal(got[:1], main_output(model(**inputs))[:1])
+        fxadapt.activate(model, "a")
+        assert torch.equal(got[1:], main_output(model(**inputs))[1:])
 
 
 def test_prompt_tuning_follows_the_call_setup():

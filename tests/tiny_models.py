@@ -210,6 +210,11 @@ def make_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[
     return inputs
 
 
+def in_fp64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``inputs`` with floating-point tensors in fp64 (for comparisons with a reference in fp64)."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
 def main_output(out) -> torch.Tensor:
     """The output a test compares: logits, else the last hidden state, else CLIP's image logits, else ``out[0]``."""
     for name in ("logits", "last_hidden_state", "logits_per_image"):
