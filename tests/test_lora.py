@@ -93,7 +93,8 @@ def check_invariants(arch, config, reference, tmp_path, tol: float = 1e-6, noop_
     model.double()
     with torch.no_grad():
         got64 = main_output(model(**in_fp64(inputs)))
-        expected = main_output(reference(copy.deepcopy(base).double(), model, "a", arch, kinds)(**in_fp64(inputs)))
+        ref64 = reference(copy.deepcopy(base).double(), model, "a", arch, kinds)
+        expected = main_output(ref64(**in_fp64(inputs)))
     model.float()
     diff = (got64 - expected).abs().max().item()
     assert diff <= 1e-12 * max(1.0, expected.abs().max().item()), diff
@@ -124,7 +125,8 @@ def check_invariants(arch, config, reference, tmp_path, tol: float = 1e-6, noop_
     assert changed
     with torch.no_grad():
         merged = main_output(model(**inputs))
-        folded = main_output(reference(base, model, "a", arch, kinds)(**inputs))  # fp32 weights folded by hand
+        # the fp32 weights folded by hand
+        folded = main_output(reference(base, model, "a", arch, kinds)(**inputs))
     assert (merged - folded).abs().max().item() <= tol * max(1.0, folded.abs().max().item())
     fxadapt.unmerge(model, "a")
     assert all(layer_state(layer).plan for layer in layers)
