@@ -38,6 +38,7 @@ from .model import (
     plan_for,
     prime,
     prime_variants,
+    priming_memo,
     set_state,
 )
 from .parts import (
@@ -139,26 +140,25 @@ def inject(
                 "choose another name or remove it first with fxadapt.remove(model, name)"
             )
     paths, layers = layers_of(model)
-    primer = (
-        Siblings()
-    )  # shared by the priming call and its variants (trusted siblings, model.prime_variants)
-    primed = prime(model, layers, example_inputs, primer)
-    context = ModelContext(model, paths, layers, primed, example_inputs)
+    # shared by the priming call and its variants (trusted siblings, model.prime_variants); the layers' structure
+    # does not change until the commit below, so their signatures and hook dicts are found once for both
+    primer = Siblings()
+    with priming_memo(primer):
+        primed = prime(model, layers, example_inputs, primer)
+        context = ModelContext(model, paths, layers, primed, example_inputs)
+        staged: list[tuple[int, str, str, nn.Module]] = []
+        records: dict[str, AdapterRecord] = {}
+        for name, config in items:
+            # sites and model-level parts, through the method's capabilities (nothing is attached yet)
+            placed = place(name, config, context)
+            staged.extend((index, name, kind, module) for (index, kind), module in placed.modules.items())
+            records[name] = AdapterRecord(config, placed.placements, placed.sites, members=placed.members)
 
-    staged: list[tuple[int, str, str, nn.Module]] = []
-    records: dict[str, AdapterRecord] = {}
-    for name, config in items:
-        placed = place(
-            name, config, context
-        )  # sites and model-level parts, through the method's capabilities
-        staged.extend((index, name, kind, module) for (index, kind), module in placed.modules.items())
-        records[name] = AdapterRecord(config, placed.placements, placed.sites, members=placed.members)
-
-    # the other common kinds of call (mask/no mask, train/eval), captured now: one trace per layer class each
-    try:
-        variants = prime_variants(model, layers, example_inputs, primer)
-    except FxAdaptError:  # traced lazily at the first such call instead
-        variants = []
+        # the other common kinds of call (mask/no mask, train/eval), captured now: one trace per layer class each
+        try:
+            variants = prime_variants(model, layers, example_inputs, primer)
+        except FxAdaptError:  # traced lazily at the first such call instead
+            variants = []
     siblings = next((ls.siblings for ls in map(layer_state, layers) if ls is not None), None) or primer
 
     # commit, with rollback

@@ -130,12 +130,16 @@ class Capture:
         """Whether this capture is also ``layer``'s: the same module structure and parameter shapes, and the same
         value of every plain attribute the trace read (a sibling layer differs in parameters, not in code).
         ``any_mode``: the ``training`` flags it read may differ (a capture verified to serve both modes)."""
-        if (layer_signature(layer) if signature is None else signature) != self.signature:
+        signature = layer_signature(layer) if signature is None else signature
+        if signature is not self.signature and signature != self.signature:
             return False
+        modules: dict[str, nn.Module] = {"": layer}  # reads come sorted by path: each submodule looked up once
         for (path, name), value in self.reads:
             if any_mode and name == "training":
                 continue
-            module = layer.get_submodule(path) if path else layer
+            module = modules.get(path)
+            if module is None:
+                module = modules[path] = layer.get_submodule(path)
             if value != module.__dict__.get(name, _MISSING):  # value first: ANY_INT compares by type
                 return False
         return True

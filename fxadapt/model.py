@@ -248,7 +248,7 @@ def prime(
     # serve: priming and tracing must not advance BatchNorm statistics; the priming forward runs the base model
     # (whatever setup is active: a PerRow setup would need ids, a Parallel one replicates the batch)
     siblings = Siblings() if siblings is None else siblings
-    with tracing_scope(), preserved_buffers(model), using(model, None), _signatures(siblings):
+    with tracing_scope(), preserved_buffers(model), using(model, None), priming_memo(siblings):
         return _prime(model, layers, inputs, siblings)
 
 
@@ -290,7 +290,7 @@ def prime_variants(
     # arguments, another mode flag): one trace per layer class, verified against a fresh eager call, no second
     # model forward. Mode-major order: the model switches mode once, not once per batch.
     records: dict[int, tuple[dict, dict]] = {} if siblings.recorded is None else {0: siblings.recorded}
-    with tracing_scope(), preserved_buffers(model), using(model, None), _signatures(siblings):
+    with tracing_scope(), preserved_buffers(model), using(model, None), priming_memo(siblings):
         for training in (primary,) if bound else (primary, not primary):
             # the model's own mode is left as it is (submodules the user put in another mode stay so)
             with _mode(model, None if training == primary else training):
@@ -313,15 +313,18 @@ def prime_variants(
 
 
 @contextlib.contextmanager
-def _signatures(siblings: Siblings) -> Iterator[None]:
+def priming_memo(siblings: Siblings) -> Iterator[None]:
     """Layer signatures and hook dicts computed once per layer for the duration of a priming call
-    (``Siblings.signature``, ``Siblings.hooks``): the layers' structure does not change while priming."""
-    previous = siblings.signatures, siblings.hook_memo
+    (``Siblings.signature``, ``Siblings.hooks``): the layers' structure does not change while priming. Nested
+    uses share the outer memo (``inject`` holds one over ``prime`` and ``prime_variants``)."""
+    if siblings.signatures is not None:
+        yield
+        return
     siblings.signatures, siblings.hook_memo = {}, {}
     try:
         yield
     finally:
-        siblings.signatures, siblings.hook_memo = previous
+        siblings.signatures, siblings.hook_memo = None, None
 
 
 def _generates(model: nn.Module) -> bool:

@@ -104,6 +104,14 @@ def check_adapter_name(name: str, what: str = "adapter") -> None:
 
 def check_materialized(model: nn.Module) -> None:
     """Refuse a model whose parameters or buffers are on the meta device (nothing to prime the capture with)."""
+    # one walk without building names (every inject pays it); the names only for the message
+    if not any(
+        t is not None and t.is_meta
+        for m in model.modules()
+        for tensors in (m._parameters, m._buffers)
+        for t in tensors.values()
+    ):
+        return
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in named:
             if tensor.is_meta:
