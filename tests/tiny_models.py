@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import transformers as tf
 
@@ -208,6 +211,20 @@ def make_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[
     if kind == "seq2seq":
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     return inputs
+
+
+@contextlib.contextmanager
+def fp64(*models: torch.nn.Module) -> Iterator[None]:
+    """``models`` (fp32) in fp64 for the duration, then back in fp32 exactly (every fp32 value is an fp64 value).
+    For comparisons with a reference computed another way: in fp64 the two orders of the same arithmetic agree far
+    below fp32's rounding, which depends on the CPU's kernels and on the batch size."""
+    for m in models:
+        m.double()
+    try:
+        yield
+    finally:
+        for m in models:
+            m.float()
 
 
 def in_fp64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
