@@ -133,9 +133,8 @@ class Capture:
         signature = layer_signature(layer) if signature is None else signature
         if signature is not self.signature and signature != self.signature:
             return False
-        modules: dict[str, nn.Module] = {
-            "": layer
-        }  # reads come sorted by path: each submodule looked up once
+        # reads come sorted by path: each submodule is looked up once
+        modules: dict[str, nn.Module] = {"": layer}
         for (path, name), value in self.reads:
             if any_mode and name == "training":
                 continue
