@@ -30,7 +30,7 @@ from .capture import (
 )
 from .errors import CaptureError
 from .guards import _NONE_META, call_key, hook_count, hook_dicts
-from .rewrite import LayerPlan, build_runner
+from .rewrite import LayerPlan, build_runner, replicated_call
 from .rollback import preserved_buffers
 from .sites import SiteReport, find_sites
 from .tracing import serialized
@@ -468,7 +468,8 @@ class LayerState:
             runner = self.runner_for(layer, key, leaves, runners, exclude)
             if runner is not None:  # another thread built it while this one waited
                 return runner
-            traced = self.trace(layer, args, kwargs, key, leaves, exclude)
+            # under Parallel the base layer is traced on its inputs as the generated code replicates them
+            traced = self.trace(layer, *replicated_call(plan, args, kwargs), key, leaves, exclude)
             runner, source, notes = traced.runner(layer, plan)
             runners.setdefault(key, []).append((traced.capture, runner, source))
             self.notes = notes

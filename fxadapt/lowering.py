@@ -211,13 +211,20 @@ def fused_lora(proj: nn.Module, lora: nn.Module, x: torch.Tensor) -> torch.Tenso
     return lora_linear(x, weight, bias, lora.lora_A, lora.lora_B, lora.scaling)
 
 
-def _scale_bank(modules: list, device: torch.device) -> torch.Tensor:
+def _scale_bank(modules: list, like: torch.Tensor) -> torch.Tensor:
+    """The adapters' scales as one ``[A]`` bank on ``like``'s device, in the kernels' compute dtype (fp32; fp64
+    for fp64 activations, where the reference path computes in fp64)."""
+    from .kernels._common import compute_dtype
+
+    dtype = compute_dtype(like)
     return torch.stack(
         [
-            m.scaling.reshape(()) if isinstance(m.scaling, torch.Tensor) else torch.tensor(float(m.scaling))
+            m.scaling.reshape(())
+            if isinstance(m.scaling, torch.Tensor)
+            else torch.tensor(float(m.scaling), dtype=dtype)
             for m in modules
         ]
-    ).to(device, torch.float32)
+    ).to(like.device, dtype)
 
 
 def per_row_bottleneck(
@@ -230,7 +237,7 @@ def per_row_bottleneck(
     if why_not_fused(modules, x_dtype=z.dtype) is not None:
         return _per_row_loop(z, residual, ids, [lambda zz, rr, m=m: m(zz, rr) for m in modules], residual)
     first = modules[0]
-    scale = _scale_bank(modules, z.device)
+    scale = _scale_bank(modules, z)
     return bottleneck_multi(
         z,
         ids,
@@ -263,7 +270,7 @@ def per_row_lora(proj: nn.Module, x: torch.Tensor, ids: torch.Tensor, modules: l
                 y2 = y2.index_add(0, rows, m(x2.index_select(0, rows)))
         return y2.reshape(base.shape)
     weight, bias = _projection(proj)
-    scale = _scale_bank(modules, x.device)
+    scale = _scale_bank(modules, x)
     return lora_multi(
         x,
         ids,

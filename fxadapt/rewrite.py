@@ -36,7 +36,7 @@ from .lowering import capture_allows
 from .methods.base import AdapterConfig, method_for
 from .sites import MODULE_SITE_KINDS, ResidualSite, SiteReport
 
-__all__ = ["AdapterRef", "Emitter", "LayerPlan", "SitePlan", "build_runner", "site_key"]
+__all__ = ["AdapterRef", "Emitter", "LayerPlan", "SitePlan", "build_runner", "replicated_call", "site_key"]
 
 
 def site_key(kind: str) -> str:
@@ -216,6 +216,24 @@ def _replicate_inputs(graph: fx.Graph, plan: LayerPlan) -> dict[str, fx.Node]:
         ph.replace_all_uses_with(item, delete_user_cb=lambda user: user is not rep)
         replaced[ph.name] = item
     return replaced
+
+
+def replicated_call(plan: LayerPlan, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a layer call as the base graph inside ``plan``'s generated code sees it: under
+    Parallel, the tensor inputs replicated as :func:`_replicate_inputs` does first thing (a decoder layer's encoder
+    states arrive replicated, its hidden states not yet). A capture made at run time traces and verifies the base
+    layer on these: on the raw inputs their batch sizes disagree."""
+    from .guards import flatten_call, unflatten_call
+
+    if plan.parallel <= 1:
+        return args, kwargs
+    leaves, spec = flatten_call(args, kwargs)
+    at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    if not at:
+        return args, kwargs
+    for i, rep in zip(at, replicate_batch(plan.parallel, plan.first_layer, *(leaves[i] for i in at))):
+        leaves[i] = rep
+    return unflatten_call(leaves, spec)
 
 
 def lowering(capture: Capture) -> tuple[bool, str]:

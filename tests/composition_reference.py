@@ -117,7 +117,7 @@ def interpret(setup, adapters: dict[str, Adapter], fusions: dict[str, Fusion], h
             st = pre_block(first(s), st)
             kids = [(run(c, st), w) for c, w in zip(s.children, s.weights) if has(c)]
             stacked = torch.stack([k["hidden"] for k, _ in kids])
-            w = torch.tensor([w for _, w in kids]).view(-1, 1, 1, 1)
+            w = torch.tensor([w for _, w in kids], dtype=stacked.dtype).view(-1, 1, 1, 1)
             return {**kids[0][0], "hidden": (stacked * w).mean(0), "last": kids[-1][0]["last"]}
         if isinstance(s, (BatchSplit, Split, Parallel)):
             st = pre_block(first(s), st)

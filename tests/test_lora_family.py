@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from lora_family_reference import OUTSIDE, reference, reft_reference
-from tiny_models import main_output, make_inputs, make_model
+from tiny_models import assert_fp64_equal, fp64, in_fp64, main_output, make_inputs, make_model
 
 import fxadapt
 from fxadapt.model import get_state, layers_of
@@ -118,16 +118,17 @@ def test_lora_family_invariants(arch, tmp_path):
         _randomise(model, name, gen)
         got = _out(model, inputs)
         assert (got - plain).abs().max() > 1e-4, name
-        if config.method == "reft":
-            units = _reft_units(model, name)
-            if config.orthogonality:
-                r = units[0]["units.0.projection_weight"]
-                assert torch.allclose(r @ r.t(), torch.eye(r.shape[0]), atol=1e-5)
-            ref = reft_reference(base, config, units, paths, inputs.get("attention_mask"))
-        else:
-            ref = reference(base, arch, config, _tensors(model, name), paths)
-        expected = _out(ref, inputs)
-        assert (got - expected).abs().max().item() <= 1e-6 * max(1.0, expected.abs().max().item()), name
+        if config.method == "reft" and config.orthogonality:
+            r = _reft_units(model, name)[0]["units.0.projection_weight"]
+            assert torch.allclose(r @ r.t(), torch.eye(r.shape[0]), atol=1e-5)
+        # in fp64: the reference's order of the arithmetic agrees far below fp32's rounding (CPU-dependent)
+        with fp64(model, base):
+            if config.method == "reft":
+                units = _reft_units(model, name)
+                ref = reft_reference(base, config, units, paths, inputs.get("attention_mask"))
+            else:
+                ref = reference(base, arch, config, _tensors(model, name), paths)
+            assert_fp64_equal(_out(model, in_fp64(inputs)), _out(ref, in_fp64(inputs)), name)
 
         # gradients: exactly the adapter's trainable parameters
         fxadapt.train_adapter(model, name, train_head=False)

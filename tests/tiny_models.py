@@ -232,6 +232,18 @@ def in_fp64(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
+def assert_fp64_equal(
+    got: torch.Tensor, expected: torch.Tensor, what: object = "", rtol: float = 1e-12
+) -> None:
+    """``got`` equals ``expected``, both fp64, to ``rtol`` of the larger of 1 and ``expected``'s magnitude: two
+    orders of the same arithmetic in fp64 (fp32 rounding would depend on the CPU's kernels and the batch size)."""
+    assert got.dtype == expected.dtype == torch.float64, (what, got.dtype, expected.dtype)
+    assert got.shape == expected.shape, (what, got.shape, expected.shape)
+    diff = (got - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert diff <= rtol * scale, f"{what}: max abs diff {diff:.3g} (scale {scale:.3g})"
+
+
 def main_output(out) -> torch.Tensor:
     """The output a test compares: logits, else the last hidden state, else CLIP's image logits, else ``out[0]``."""
     for name in ("logits", "last_hidden_state", "logits_per_image"):

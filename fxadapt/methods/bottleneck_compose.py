@@ -263,9 +263,11 @@ def route_ids(ids: torch.Tensor, present: tuple[bool, ...]) -> torch.Tensor:
 
 
 def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
-    """AdapterHub's Average: ``mean(stack(hiddens) * weights)`` (the mean divides by the count once more)."""
+    """AdapterHub's Average: ``mean(stack(hiddens) * weights)`` (the mean divides by the count once more).
+
+    The weights are fp32 as in AdapterHub (fp64 for fp64 activations, so they are not rounded there); half
+    precision hiddens are averaged in fp32 and cast back to their dtype."""
     stacked = torch.stack(hiddens, 0)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(
-        -1, *([1] * (stacked.dim() - 1))
-    )
-    return torch.mean(stacked * w, dim=0)
+    c = torch.float64 if stacked.dtype == torch.float64 else torch.float32
+    w = torch.tensor(weights, dtype=c, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    return torch.mean(stacked.to(c) * w, dim=0).to(stacked.dtype)

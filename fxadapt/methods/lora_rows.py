@@ -134,6 +134,8 @@ def banks(modules: list[nn.Module], like: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def _stack(modules: list[nn.Module], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    from ..kernels._common import compute_dtype
+
     n, width = len(modules), modules[0].width
     adds = [m for m in modules if _kind(m) == "add"]
     rank = max((m.lora_A.shape[0] for m in adds), default=0)
@@ -156,7 +158,7 @@ def _stack(modules: list[nn.Module], like: torch.Tensor) -> dict[str, torch.Tens
         b_rows.append(torch.zeros(width, rank, device=dev, dtype=dt))
         out["A"] = torch.stack(a_rows)
         out["B"] = torch.stack(b_rows)
-        out["s"] = torch.tensor([*scales, 0.0], device=dev, dtype=torch.float32)
+        out["s"] = torch.tensor([*scales, 0.0], device=dev, dtype=compute_dtype(like))  # fp32; fp64 for fp64
     if len(adds) < n:
         ones = torch.ones(width, device=dev, dtype=dt)
         vs = [m.pad(m.scale_vector(), 1.0).to(dev, dt) if _kind(m) == "scale" else ones for m in modules]
