@@ -85,6 +85,16 @@ def plan_key(plan: LayerPlan) -> Any:
     return (key, backend_mode())
 
 
+def _memoised(memo: dict[int, Any] | None, layer: nn.Module, compute: Callable[[nn.Module], Any]) -> Any:
+    """``compute(layer)``, kept in ``memo`` by layer identity while one is open (None: computed every time)."""
+    if memo is None:
+        return compute(layer)
+    value = memo.get(id(layer))
+    if value is None:
+        value = memo[id(layer)] = compute(layer)
+    return value
+
+
 class Siblings:
     """The captures of one model's layers by (layer class, guard key): a layer whose structure and read attributes
     match an existing capture (``Capture.fits``) reuses it after checking it against its own eager call."""
@@ -104,24 +114,12 @@ class Siblings:
 
     def signature(self, layer: nn.Module) -> tuple:
         """``layer_signature(layer)``, computed once per layer while priming."""
-        memo = self.signatures
-        if memo is None:
-            return layer_signature(layer)
-        sig = memo.get(id(layer))
-        if sig is None:
-            sig = memo[id(layer)] = layer_signature(layer)
-        return sig
+        return _memoised(self.signatures, layer, layer_signature)
 
     def hooks(self, layer: nn.Module) -> int:
         """How many hooks ``layer``'s traced-through submodules have (``guards.hook_dicts`` found once per layer
         while priming)."""
-        memo = self.hook_memo
-        if memo is None:
-            return hook_count(hook_dicts(layer))
-        dicts = memo.get(id(layer))
-        if dicts is None:
-            dicts = memo[id(layer)] = hook_dicts(layer)
-        return hook_count(dicts)
+        return hook_count(_memoised(self.hook_memo, layer, hook_dicts))
 
     def add(self, orig: type, key: tuple, traced: Traced, layer: nn.Module | None = None) -> None:
         entries = self.by_key.setdefault((orig, key), [])
