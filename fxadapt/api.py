@@ -41,6 +41,7 @@ from .model import (
     priming_memo,
     set_state,
 )
+from .parallel_inputs import sync_parallel_hooks
 from .parts import (
     ModelContext,
     adapter_modules,
@@ -232,6 +233,7 @@ def _apply_plans(model: nn.Module, state: ModelState) -> None:
                     f"{fuse!r} has no fusion layers; add them with fxadapt.add_fusion(model, {fuse!r}) first"
                 )
     sync_routing_hook(model, state)  # serve: for a PerRow setup, active or per call (routing.py)
+    sync_parallel_hooks(model, state)  # a decoder's encoder-side inputs under Parallel (parallel_inputs.py)
     _, layers = layers_of(model)
     for index, layer in enumerate(track(layers, desc="fxadapt: compiling layers", unit="layer")):
         lstate = layer_state(layer)

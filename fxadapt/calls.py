@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from .compose import Block, PerRow, parse_setup, validate
+from .compose import Block, PerRow, parallel_channels, parse_setup, validate
 from .errors import CompositionError
 
 __all__ = ["HookScope", "current_plan", "effective_setup", "using"]
@@ -169,6 +169,10 @@ def using(model: nn.Module, setup: str | Sequence[Any] | Block | None) -> Iterat
         from .routing import install_routing_hook
 
         install_routing_hook(model, sticky=True)  # model(..., adapter_ids=ids) inside the block
+    elif wanted is not None and parallel_channels(wanted) > 1:
+        from .parallel_inputs import install_parallel_hooks
+
+        install_parallel_hooks(model, state.layer_paths, sticky=True)  # a decoder's encoder-side inputs
     outer_plans, outer_setups = _PLANS.get() or {}, _SETUPS.get() or {}
     t1 = _PLANS.set({**outer_plans, **plans})
     t2 = _SETUPS.set({**outer_setups, id(state): wanted})

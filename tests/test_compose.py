@@ -355,6 +355,36 @@ def test_parallel_captures_a_new_kind_of_call_at_run_time(arch):
     assert_fp64_equal(got, expected, setup)
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("entry", ["activate", "using"])
+def test_parallel_on_encoder_decoder_with_padding(arch, entry):
+    """The decoder stack builds its cross-attention mask from the encoder mask [B, S] and the encoder states, which
+    Parallel returns replicated [n·B, S, d]: channel i of the output equals child i alone, padding included.
+    (Single adapters of one config: with a Stack child or other norm options a channel is not its child alone, in
+    AdapterHub as in fxadapt.)"""
+    model = make_model(arch)
+    fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("x", "y"):
+            for p in fxadapt.adapter_parameters(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    inputs = in_fp64(make_inputs(arch, batch=BATCH, seq=SEQ))
+    assert not inputs["attention_mask"].all()  # a padded row
+    setup = Parallel("x", "y")
+    with torch.no_grad(), fp64(model):
+        if entry == "activate":
+            fxadapt.activate(model, setup)
+            got = main_output(model(**inputs))
+        else:
+            with fxadapt.using(model, setup):
+                got = main_output(model(**inputs))
+        for i, child in enumerate(setup.children):
+            with fxadapt.using(model, child):
+                alone = main_output(model(**inputs))
+            assert_fp64_equal(got[i * BATCH : (i + 1) * BATCH], alone, (arch, child))
+
+
 # -- per-row adapters ----------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..methods.base import widened
 from . import LayerPaths, ordered, site_reports, split_key, unmapped_keys
 
 __all__ = [
@@ -121,7 +122,7 @@ def noop_tensors(
         out["gate.bias"] = torch.zeros(1)
     if config.use_dora:
         assert weight_rows is not None
-        out["m.weight"] = torch.linalg.norm(weight_rows.detach().float(), dim=1).reshape(-1, 1)
+        out["m.weight"] = torch.linalg.norm(widened(weight_rows.detach()), dim=1).reshape(-1, 1)
     return out
 
 

@@ -51,6 +51,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError, nearest
@@ -251,6 +252,12 @@ class Method:
 _METHODS: dict[str, Method] = {}
 _BY_CONFIG: dict[type, Method] = {}
 _PRESETS: dict[str, Callable[[], AdapterConfig]] = {}
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype weight algebra (merging, folding, magnitudes) is done in: fp32 for half precision and
+    fp32 weights, fp64 for fp64 ones (``.float()`` would round those)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def register_method(method_cls: type[Method]) -> type[Method]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import widened
 from .lora import LoRA, LoRAConfig
 
 __all__ = ["DoRALoRA", "DoRAMixin", "dora_output"]
@@ -71,9 +72,9 @@ class DoRAMixin:
 
     def init_magnitude(self, weight_rows: torch.Tensor) -> None:
         with torch.no_grad():
-            w = weight_rows.detach().float()
+            w = widened(weight_rows.detach())
             if self.variant == "peft":  # PEFT: ‖W + s Δ‖ of the initial weights
-                w = w + self.scaling * self.unscaled_delta_weight().float()
+                w = w + self.scaling * widened(self.unscaled_delta_weight())
             self.magnitude = nn.Parameter(torch.linalg.norm(w, dim=1).to(weight_rows.dtype))
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -112,22 +113,22 @@ class DoRAMixin:
         weight, bias = projection.weight, getattr(projection, "bias", None)
         w = weight[:, self.start : self.stop] if self.transposed else weight[self.start : self.stop]
         rows = w.t() if self.transposed else w  # [out, in] view
-        delta = self.unscaled_delta_weight().float()
+        delta = widened(self.unscaled_delta_weight())
         if sign > 0:
-            base = rows.float()
+            base = widened(rows)
             shift = delta if self.variant == "adapterhub" else self.scaling * delta
-            g = self.magnitude.float() / torch.linalg.norm(base + shift, dim=1)
+            g = widened(self.magnitude) / torch.linalg.norm(base + shift, dim=1)
             self.__dict__["_merged_g"] = g  # depends on the unmerged W: kept for unmerge (not saved)
             rows.copy_((g.view(-1, 1) * (base + self.scaling * delta)).to(rows.dtype))
             if bias is not None and self.variant == "adapterhub":
                 b = bias[self.start : self.stop]
-                b.copy_((b.float() * g).to(b.dtype))
+                b.copy_((widened(b) * g).to(b.dtype))
         else:
             g = self.__dict__.pop("_merged_g")
-            rows.copy_((rows.float() / g.view(-1, 1) - self.scaling * delta).to(rows.dtype))
+            rows.copy_((widened(rows) / g.view(-1, 1) - self.scaling * delta).to(rows.dtype))
             if bias is not None and self.variant == "adapterhub":
                 b = bias[self.start : self.stop]
-                b.copy_((b.float() / g).to(b.dtype))
+                b.copy_((widened(b) / g).to(b.dtype))
 
 
 class DoRALoRA(DoRAMixin, LoRA):

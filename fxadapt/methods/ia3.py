@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import register_method, register_preset
+from .base import register_method, register_preset, widened
 from .lora import LoRAMethod
 from .lora_config import LoRAConfig, _as_tuple
 
@@ -158,10 +158,10 @@ class IA3InputVector(nn.Module):
     @torch.no_grad()
     def merge_into(self, projection: nn.Module, sign: int) -> None:
         """Scale (``sign=+1``) or unscale the weight's input columns (``Conv1D`` stores ``[in, out]``: rows)."""
-        v = self.forward().float()
+        v = widened(self.forward())
         factor = v.view(-1, 1) if self.transposed else v.view(1, -1)
         w = projection.weight
-        w.copy_((w.float() * factor if sign > 0 else w.float() / factor).to(w.dtype))
+        w.copy_((widened(w) * factor if sign > 0 else widened(w) / factor).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"input scale, in={self.lora_B.shape[0]}"

@@ -42,7 +42,7 @@ from torch import nn
 from ..compose import Composer
 from ..errors import CompositionError, ConfigError, SiteNotFoundError
 from ..lowering import lower_projection, why_not_fused
-from .base import AdapterConfig, Method, register_method, register_preset
+from .base import AdapterConfig, Method, register_method, register_preset, widened
 
 __all__ = ["IA3Vector", "LoRA", "LoRAConfig", "LoRAMethod", "lora_delta", "projection_features"]
 
@@ -164,7 +164,7 @@ class LoRA(_SiteSlice):
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B A`` ([out, in], fp32), the update :meth:`LoRAMethod.merge` folds into the weight."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return (widened(self.lora_B) @ widened(self.lora_A)) * self.scaling
 
 
 class IA3Vector(_SiteSlice):
@@ -410,29 +410,29 @@ class LoRAMethod(Method):
             return _merge_rows(config, module, weight, bias, rows, transposed, sign)
         w = weight[:, rows] if transposed else weight[rows]  # a view: updated in place
         if config.composition_mode == "scale":
-            v = module.scale_vector().float()
+            v = widened(module.scale_vector())
             factor = v.view(1, -1) if transposed else v.view(-1, 1)
-            new = w.float() * factor if sign > 0 else w.float() / factor
+            new = widened(w) * factor if sign > 0 else widened(w) / factor
             w.copy_(new.to(w.dtype))
             if bias is not None:
                 b = bias[rows]
-                b.copy_((b.float() * v if sign > 0 else b.float() / v).to(b.dtype))
+                b.copy_((widened(b) * v if sign > 0 else widened(b) / v).to(b.dtype))
         else:
             delta = module.delta_weight()
             delta = delta.t() if transposed else delta
-            w.copy_((w.float() + sign * delta).to(w.dtype))
+            w.copy_((widened(w) + sign * delta).to(w.dtype))
 
 
 def _merge_rows(config, module, weight, bias, rows, transposed, sign) -> None:
     """:meth:`LoRAMethod.merge` for features interleaved in a fused projection (an index, not a view)."""
     dim = 1 if transposed else 0
-    w = weight.index_select(dim, rows).float()
+    w = widened(weight.index_select(dim, rows))
     if config.composition_mode == "scale":
-        v = module.scale_vector().float()
+        v = widened(module.scale_vector())
         factor = v.view(1, -1) if transposed else v.view(-1, 1)
         new = w * factor if sign > 0 else w / factor
         if bias is not None:
-            b = bias.index_select(0, rows).float()
+            b = widened(bias.index_select(0, rows))
             bias.index_copy_(0, rows, (b * v if sign > 0 else b / v).to(bias.dtype))
     else:
         delta = module.delta_weight()

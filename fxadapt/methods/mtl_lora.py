@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import register_method, register_preset
+from .base import register_method, register_preset, widened
 from .lora import LoRAConfig, LoRAMethod, _SiteSlice, projection_features
 
 __all__ = ["MTLLoRA", "MTLLoRAConfig", "MTLLoRAMethod"]
@@ -121,8 +121,8 @@ class MTLLoRA(_SiteSlice):
 
     def delta_weight(self) -> torch.Tensor:
         """``s Σ_k ŵ_k B_k diag(v) A`` ([out, in], fp32)."""
-        b = torch.einsum("k,kor->or", self.mix().float(), self.lora_B.float())
-        return (b * self.task_specific.float()) @ self.lora_A.float() * self.scaling
+        b = torch.einsum("k,kor->or", widened(self.mix()), widened(self.lora_B))
+        return (b * widened(self.task_specific)) @ widened(self.lora_A) * self.scaling
 
     def extra_repr(self) -> str:
         return f"mtl-lora, n_up_projection={self.lora_B.shape[0]}; " + super().extra_repr()

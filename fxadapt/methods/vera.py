@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .base import widened
 from .dora import DoRAMixin
 from .lora import LoRAConfig, _SiteSlice
 
@@ -123,7 +124,7 @@ class VeRA(_SiteSlice):
 
     def delta_weight(self) -> torch.Tensor:
         """``s Δ`` ([out, in], fp32), what merging adds to the weight rows."""
-        return self.unscaled_delta_weight().float() * self.scaling
+        return widened(self.unscaled_delta_weight()) * self.scaling
 
     def extra_repr(self) -> str:
         return (

@@ -96,6 +96,7 @@ SETUPS = [
         "d", fxadapt.Fuse("a", "b")
     ),  # AdapterHub needs every adapter at every site for Stack + Fuse
     fxadapt.Parallel("a", "b"),
+    fxadapt.Parallel("a", fxadapt.Stack("b", "d")),  # not Stack("b", "d") alone in either library
     fxadapt.BatchSplit("a", "b", batch_sizes=[1, 1]),
     fxadapt.Split("a", "b", splits=[3, 4]),
     fxadapt.Average("a", "b", weights=[0.3, 0.7]),
