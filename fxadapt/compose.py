@@ -16,7 +16,10 @@ any depth up to :data:`MAX_DEPTH` (AdapterHub rejects Fuse of Stacks, #574, and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -401,6 +404,30 @@ def _bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+# Calls whose inputs were replicated before the model ran (Parallel generation, parallel_inputs.py): every layer
+# input then arrives at n copies of the batch already. Read only while such a call is open in some thread:
+# torch.compile cannot trace ``ContextVar.get``, but it can guard on the counter.
+_PRE_REPLICATED: ContextVar[bool] = ContextVar("fxadapt_pre_replicated", default=False)
+_PRE_OPEN = 0
+_PRE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pre_replicated() -> Iterator[None]:
+    """Calls inside (this thread / task) had their inputs replicated to the Parallel channels before the model ran:
+    :func:`replicate_batch` leaves the layers' inputs as they are."""
+    global _PRE_OPEN
+    with _PRE_LOCK:
+        _PRE_OPEN += 1
+    token = _PRE_REPLICATED.set(True)
+    try:
+        yield
+    finally:
+        _PRE_REPLICATED.reset(token)
+        with _PRE_LOCK:
+            _PRE_OPEN -= 1
+
+
 def replicate_batch(n: int, first_layer: bool, primary: Any, *others: Any) -> tuple[Any, ...]:
     """Parallel composition: bring a layer's batch-first tensor inputs to ``n`` replicas of the batch.
 
@@ -409,6 +436,8 @@ def replicate_batch(n: int, first_layer: bool, primary: Any, *others: Any) -> tu
     states and only replicate the per-batch inputs that are not (masks, position ids). Inputs with a batch of 1
     that broadcast are left alone. Called from generated code right after the layer's inputs.
     """
+    if _PRE_OPEN and _PRE_REPLICATED.get():
+        return (primary, *others)
     batch = primary.shape[0]
     sizes = [t.shape[0] for t in others if isinstance(t, torch.Tensor) and t.dim() >= 2]
     full = max([batch, *sizes])

@@ -10,6 +10,12 @@ inputs (HF's naming: ``encoder_attention_mask``, ...) to the encoder states' bat
 ``Parallel``'s factor separates them. Nothing else is touched, and a call outside ``Parallel`` is left as is (a
 genuine batch mismatch still fails where it would without fxadapt).
 
+``generate`` under ``Parallel`` (AdapterHub's parallel generation): the decoding loop appends one token per row of
+the model's input, but the model returns ``n·B`` rows. While a Parallel setup may run, a generating model's
+``generate`` is wrapped: it repeats the batch-first tensor inputs ``n`` times first (channel ``i`` is rows
+``[i·B, (i+1)·B)``) and runs the loop with the layers told that their inputs arrive replicated
+(:func:`fxadapt.compose.pre_replicated`), so it returns ``n·B`` sequences, channel by channel.
+
 The hooks are installed while a Parallel setup may run: the active setup has one, or a ``using`` block has run one
 on this model (then they stay until the last adapter is removed), like the per-row routing hook (``routing.py``).
 """
@@ -25,9 +31,9 @@ import torch
 from torch import nn
 
 from .calls import effective_setup
-from .compose import parallel_channels
+from .compose import parallel_channels, pre_replicated
 
-__all__ = ["install_parallel_hooks", "remove_parallel_hooks", "sync_parallel_hooks"]
+__all__ = ["ParallelGenerate", "install_parallel_hooks", "remove_parallel_hooks", "sync_parallel_hooks"]
 
 _HOOKS = "_fxadapt_parallel_hooks"
 _STICKY = "_fxadapt_parallel_sticky"
@@ -71,8 +77,37 @@ def _pre_hook(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) ->
     return (args, {**kwargs, **changed}) if changed else None
 
 
+class ParallelGenerate:
+    """``model.generate`` while a Parallel setup may run (see the module docstring); the class's own ``generate``
+    otherwise. An instance attribute, so that copies and pickles of the model carry it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        generate = type(model).generate.__get__(model)
+        setup = effective_setup(model)
+        n = parallel_channels(setup) if setup is not None else 1
+        if n <= 1:
+            return generate(*args, **kwargs)
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 1]
+        if not tensors:
+            return generate(*args, **kwargs)
+        batch = tensors[0].shape[0]
+
+        def rep(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
+                return v.repeat(n, *([1] * (v.dim() - 1)))
+            return v
+
+        with pre_replicated():
+            return generate(*map(rep, args), **{k: rep(v) for k, v in kwargs.items()})
+
+
 def install_parallel_hooks(model: nn.Module, layer_paths: list[str], *, sticky: bool = False) -> None:
-    """Hook the stacks of ``model`` that take encoder states (see the module docstring); idempotent."""
+    """Hook the stacks of ``model`` that take encoder states and wrap its ``generate`` (see the module
+    docstring); idempotent."""
     with _LOCK:  # serve: concurrent ``using`` blocks install once
         if sticky:
             model.__dict__[_STICKY] = True
@@ -82,12 +117,16 @@ def install_parallel_hooks(model: nn.Module, layer_paths: list[str], *, sticky: 
         model.__dict__[_HOOKS] = [
             stack.register_forward_pre_hook(hook, with_kwargs=True) for stack in _stacks(model, layer_paths)
         ]
+        if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+            model.__dict__["generate"] = ParallelGenerate(model)
 
 
 def remove_parallel_hooks(model: nn.Module) -> None:
     with _LOCK:
         for handle in model.__dict__.pop(_HOOKS, ()):
             handle.remove()
+        if isinstance(model.__dict__.get("generate"), ParallelGenerate):
+            del model.__dict__["generate"]
 
 
 def sync_parallel_hooks(model: nn.Module, state: Any) -> None:

@@ -385,6 +385,43 @@ def test_parallel_on_encoder_decoder_with_padding(arch, entry):
             assert_fp64_equal(got[i * BATCH : (i + 1) * BATCH], alone, (arch, child))
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("entry", ["activate", "using"])
+def test_parallel_generate_returns_each_channel(arch, entry):
+    """AdapterHub's parallel generation: ``generate`` under Parallel returns n·B sequences, channel i being child i's
+    own greedy decoding (fp64, so that no argmax is a rounding tie)."""
+    model = make_model(arch)
+    fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("x", "y"):
+            for p in fxadapt.adapter_parameters(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    inputs = make_inputs(arch, batch=BATCH)
+    inputs.pop("decoder_input_ids", None)
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])  # right padding would warn (decoder)
+    setup = Parallel("x", "y")
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad(), fp64(model):
+        if entry == "activate":
+            fxadapt.activate(model, setup)
+            got = model.generate(**inputs, **kwargs)
+            assert copy.deepcopy(model).generate.model is not model  # a copy generates with its own weights
+        else:
+            with fxadapt.using(model, setup):
+                got = model.generate(**inputs, **kwargs)
+        assert got.shape[0] == 2 * BATCH
+        for i, child in enumerate(setup.children):
+            with fxadapt.using(model, child):
+                alone = model.generate(**inputs, **kwargs)
+            assert torch.equal(got[i * BATCH : (i + 1) * BATCH], alone), (arch, child)
+    fxadapt.activate(model, "x")
+    if entry == "activate":  # the wrapper goes with the Parallel setup (a using block's stays, and defers)
+        assert "generate" not in model.__dict__
+    with torch.no_grad():
+        assert model.generate(**inputs, **kwargs).shape[0] == BATCH
+
+
 # -- per-row adapters ----------------------------------------------------------------------------------------
 
 
