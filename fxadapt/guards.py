@@ -298,7 +298,7 @@ _RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.bernoulli, to
 _INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
-def _first_side_effect(root: nn.Module, graph: fx.Graph) -> str | None:
+def _first_side_effect(root: nn.Module, graph: fx.Graph) -> fx.Node | None:
     """The first op so far that a second run of the layer would repeat visibly: a mutation of an input or an
     opaque object (cache updates), a random draw, a hook replay."""
     for n in graph.nodes:
@@ -307,24 +307,48 @@ def _first_side_effect(root: nn.Module, graph: fx.Graph) -> str | None:
             if isinstance(target, fx.Node) and (
                 target.op == "placeholder" or _depends_only_on_objects(target)
             ):
-                return n.format_node()
+                return n
         if n.op == "call_function" and n.target is operator.setitem:
-            return n.format_node()
+            return n
         inplace = n.op == "call_function" and n.target in _INPLACE_OPERATORS
         if inplace and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder":
-            return n.format_node()
+            return n
         if n.op == "call_function" and (n.target in _RANDOM_FUNCTIONS or n.target is replay_forward_hooks):
-            return n.format_node()
+            return n
         if n.op == "call_function" and n.target in (torch.nn.functional.dropout, torch.dropout):
             training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
             p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
             if training and p:
-                return n.format_node()
+                return n
         if n.op == "call_module":
             module = root.get_submodule(str(n.target))
             if isinstance(module, nn.Dropout) and module.training and module.p > 0:
-                return n.format_node()
+                return n
     return None
+
+
+def hoistable_before(graph: fx.Graph, node: fx.Node, effect: fx.Node) -> list[fx.Node] | None:
+    """The nodes to move before ``effect`` so that the size expression ``node`` is computed ahead of it, or None
+    if it reads something ``effect`` or a later tensor op produced. A branch on the sizes of tensors computed
+    before a cache update (``is_causal = query.shape[2] > 1`` in the attention function) is then checked before
+    the update, where a call taking the other branch can still re-dispatch."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    limit = order[effect]
+    moved, seen, todo = [], set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if order[n] < limit:
+            continue
+        if n is effect or n.op not in ("call_function", "call_method"):
+            return None
+        if isinstance(n.meta.get(SHADOW), torch.Tensor):  # only size arithmetic moves, never a tensor op
+            return None
+        moved.append(n)
+        todo.extend(n.all_input_nodes)
+    return sorted(moved, key=order.__getitem__)
 
 
 class SizeGuardMiss(Exception):

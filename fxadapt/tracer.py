@@ -33,6 +33,7 @@ from .guards import (
     check_size_assumption,
     check_size_guard,
     check_value_guard,
+    hoistable_before,
 )
 from .reads import plain_int
 from .tracing import gate, unpatched
@@ -330,10 +331,18 @@ class _LayerTracer(fx.Tracer):
             # re-run must not repeat side effects, so this is allowed only before any.
             effect = _first_side_effect(self.root, self.graph)
             self.size_guards += 1
+            moved = None if effect is None else hoistable_before(self.graph, node, effect)
             if effect is None:
                 self.create_proxy("call_function", check_size_guard, (obj, flag), {})
+            elif moved is not None:  # sizes known before the side effect: checked there, re-dispatchable
+                for n in moved:
+                    effect.prepend(n)
+                with self.graph.inserting_before(effect):
+                    self.create_proxy("call_function", check_size_guard, (obj, flag), {})
             else:  # a re-run would repeat the side effect: a call taking the other branch is an error
-                self.create_proxy("call_function", check_size_assumption, (obj, flag, effect), {})
+                self.create_proxy(
+                    "call_function", check_size_assumption, (obj, flag, effect.format_node()), {}
+                )
             return flag
         raise CaptureFailure("control flow depends on tensor data", self._where())
 
