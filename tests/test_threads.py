@@ -260,3 +260,36 @@ def test_prepare_captures_ahead_of_time():
     assert sum(map(len, state.traced.values())) == traced and len(state.compiled) == compiled
     with pytest.raises(fxadapt.ConfigError, match="wrap a single batch in a list"):
         fxadapt.prepare(model, base)
+
+
+def test_parallel_generate_beside_other_setups():
+    """Parallel generation tells the layers their inputs arrive replicated: only in its own thread's context, so
+    threads generating with another setup at the same time replicate as usual (or not at all)."""
+    model = make_model("llama")
+    fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n in ("x", "y"):
+            for p in fxadapt.adapter_parameters(model, n).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    # thread 3 runs a plain forward under Parallel: its layers must replicate while the others' must not
+    setups = [fxadapt.Parallel("x", "y"), "x", fxadapt.Parallel("y", "x"), fxadapt.Parallel("x", "y")]
+    ids = make_inputs("llama", batch=2)["input_ids"]
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+
+    def generate(i):
+        with fxadapt.using(model, setups[i]):
+            return model.generate(input_ids=ids, **kwargs) if i < 3 else main_output(model(input_ids=ids))
+
+    with torch.no_grad():
+        expected = [generate(i) for i in range(THREADS)]
+    wrong = [0] * THREADS
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(3):
+                wrong[i] += not torch.equal(generate(i), expected[i])
+
+    _run_threads(work)
+    assert wrong == [0] * THREADS
+    assert [e.shape[0] for e in expected] == [4, 2, 4, 4]
