@@ -1,4 +1,4 @@
-"""Parallel composition across an encoder-decoder model: the decoder's encoder-side inputs follow the encoder.
+"""Parallel composition outside the layers: a decoder stack's encoder-side inputs, and ``generate``.
 
 Under ``Parallel`` the encoder's output comes back with ``n`` copies of the batch (``[n·B, S, d]``), while the
 decoder's own inputs keep the batch ``B``; the decoder's layers replicate those first thing
@@ -83,6 +83,12 @@ class ParallelGenerate:
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @property
+    def __signature__(
+        self,
+    ) -> inspect.Signature:  # inspect.signature / help() as for the model's own generate
+        return inspect.signature(type(self.model).generate.__get__(self.model))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model

@@ -7,6 +7,8 @@ the interpreter; fxadapt runs its generated code. Setups cover every block and a
 from __future__ import annotations
 
 import copy
+import inspect
+import pickle
 
 import pytest
 import torch
@@ -407,6 +409,9 @@ def test_parallel_generate_returns_each_channel(arch, entry):
             fxadapt.activate(model, setup)
             got = model.generate(**inputs, **kwargs)
             assert copy.deepcopy(model).generate.model is not model  # a copy generates with its own weights
+            restored = pickle.loads(pickle.dumps(model))
+            assert restored.generate.model is restored
+            assert "generation_config" in inspect.signature(model.generate).parameters
         else:
             with fxadapt.using(model, setup):
                 got = model.generate(**inputs, **kwargs)
