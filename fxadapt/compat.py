@@ -27,10 +27,11 @@ from torch import nn
 
 from . import api, io
 from .atomic import atomic_folder
-from .calls import using
-from .compose import Block, parse_setup
+from .calls import effective_setup, using
+from .compose import Block, parallel_channels, parse_setup
 from .errors import AdapterNotFoundError, CheckpointError, NameCollisionError
 from .heads import HeadConfig, PredictionHead
+from .multi_head import head_block, run_heads
 from .rollback import check_adapter_name, rename_adapter
 
 __all__ = ["AdapterModel", "AdapterModelMixin", "init"]
@@ -92,12 +93,12 @@ class AdapterModelMixin:
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
         self.train()
-        self._set_active_head(names)
+        self._set_active_head(setup)
 
     def set_active_adapters(self, adapter_setup: Any) -> None:
         api.activate(self, adapter_setup)
         if adapter_setup is not None:
-            self._set_active_head(parse_setup(adapter_setup).names())
+            self._set_active_head(parse_setup(adapter_setup))
 
     @property
     def active_adapters(self) -> Block | None:
@@ -230,7 +231,7 @@ class AdapterModelMixin:
         if head is not None:
             self._install_head(name, head)
         if set_active:
-            self._set_active_head([name])
+            self._set_active_head(name)
         return name
 
     def _read_own_head(self, folder: Path, load_as: str | None) -> PredictionHead:
@@ -362,9 +363,15 @@ class AdapterModelMixin:
         if self.__dict__.get("active_head") == head_name:
             self.__dict__["active_head"] = None
 
-    def _set_active_head(self, names: list[str]) -> None:
+    def _set_active_head(self, setup: Block | str) -> None:
+        """The head(s) a setup uses (AdapterHub's reading, ``multi_head.head_block``: one per Parallel channel or
+        BatchSplit slice), else the last of its adapters that has a head; unchanged if none has."""
         heads = self._heads()
-        for name in reversed(names):
+        block = head_block(setup, heads)
+        if block is not None:
+            self.__dict__["active_head"] = block
+            return
+        for name in reversed(parse_setup(setup).names()):
             if name in heads:
                 self.__dict__["active_head"] = name
                 return
@@ -442,15 +449,26 @@ class AdapterModel(AdapterModelMixin, nn.Module):
         if name is None:
             return out
         heads = self._heads()
+        hidden, ids, pooled = out[0], inputs.get("input_ids"), getattr(out, "pooler_output", None)
+        if not isinstance(name, str):  # one head per Parallel channel / BatchSplit slice (multi_head.py)
+
+            def call(head_module: PredictionHead, rows: slice, part_labels: Any) -> Any:
+                n = len(range(*rows.indices(hidden.shape[0])))
+                return head_module(
+                    hidden[rows],
+                    input_ids=ids
+                    if ids is None or ids.shape[0] == n
+                    else ids[rows],  # Parallel: all channels
+                    pooled=pooled[rows] if pooled is not None else None,
+                    labels=part_labels,
+                    num_choices=num_choices,
+                )
+
+            channels = parallel_channels(effective_setup(self) or "")
+            return run_heads(name, heads, channels, call, hidden.shape[0], labels)
         if name not in heads:
             raise AdapterNotFoundError(f"no head named {name!r}; heads: {sorted(heads)}")
-        return heads[name](
-            out[0],
-            input_ids=inputs.get("input_ids"),
-            pooled=getattr(out, "pooler_output", None),
-            labels=labels,
-            num_choices=num_choices,
-        )
+        return heads[name](hidden, input_ids=ids, pooled=pooled, labels=labels, num_choices=num_choices)
 
 
 def _adapterhub_head(model: AdapterModel, folder: Path) -> Any:
@@ -464,9 +482,12 @@ def _adapterhub_head(model: AdapterModel, folder: Path) -> Any:
     return read_flex_head(folder, model.config, f"AdapterHub head in {str(folder)!r}")
 
 
-def _last_head(model: AdapterModelMixin, setup: Any) -> str | None:
+def _last_head(model: AdapterModelMixin, setup: Any) -> Any:
+    """The head(s) a call with ``adapter_names=setup`` uses (see ``_set_active_head``), or None."""
     heads = model._heads()
-    return next((n for n in reversed(parse_setup(setup).names()) if n in heads), None)
+    parsed = parse_setup(setup)
+    block = head_block(parsed, heads)
+    return block if block is not None else next((n for n in reversed(parsed.names()) if n in heads), None)
 
 
 _SUBCLASSES: dict[type, type] = {}

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import transformers as tf
-from tiny_models import make_config, make_inputs
+from tiny_models import assert_fp64_equal, make_config, make_inputs
 
 import fxadapt
 from fxadapt.compat import AdapterModel
@@ -165,3 +165,36 @@ def test_multiple_choice_head_and_loss():
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 2]))
     assert out.logits.shape == (2, 3) and out.loss.ndim == 0
     out.loss.backward()
+
+
+@pytest.mark.parametrize("block", ["Parallel", "BatchSplit"])
+def test_one_head_per_channel_or_slice(block):
+    """Under Parallel (BatchSplit) each child's head runs on its channel (slice): head i's output equals that
+    child with its head alone on those rows (fp64), and the loss is their sum."""
+    model = AdapterModel(tf.BertModel(make_config("bert")))
+    for name, labels in (("a", 3), ("b", 2)):
+        model.add_adapter(name, config="seq_bn")
+        model.add_classification_head(name, num_labels=labels)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".fxadapt." in n or n.startswith("heads."):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    model = model.double().eval()
+    inputs, labels = make_inputs("bert", batch=2, seq=7), torch.tensor([1, 0])
+    setup = (
+        fxadapt.Parallel("a", "b")
+        if block == "Parallel"
+        else fxadapt.BatchSplit("a", "b", batch_sizes=[1, 1])
+    )
+    model.set_active_adapters(setup)
+    assert model.active_head == ("a", "b") if block == "Parallel" else model.active_head == setup
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        assert len(out) == 2
+        for i, name in enumerate("ab"):
+            rows = slice(None) if block == "Parallel" else slice(i, i + 1)
+            alone = model(**{k: v[rows] for k, v in inputs.items()}, labels=labels[rows], adapter_names=name)
+            assert_fp64_equal(out[i].logits, alone.logits, (block, name))
+            assert abs(out[i].loss.item() - alone.loss.item()) <= 1e-12
+        assert abs(out.loss.item() - (out[0].loss + out[1].loss).item()) <= 1e-12

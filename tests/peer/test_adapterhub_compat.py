@@ -19,6 +19,7 @@ import transformers as tf  # noqa: E402
 from peer_helpers import max_abs, train_adapterhub  # noqa: E402
 from tiny_models import make_config, make_inputs  # noqa: E402
 
+import fxadapt  # noqa: E402
 from fxadapt.compat import AdapterModel  # noqa: E402
 
 pytestmark = pytest.mark.peer
@@ -113,3 +114,43 @@ def test_static_head_into_flex_head(tmp_path):
     ours.load_adapter(tmp_path / "a", set_active=True)
     with torch.no_grad():
         assert max_abs(ours(**inputs).logits, theirs(**inputs).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("block", ["Parallel", "BatchSplit"])
+def test_one_head_per_channel_or_slice(block, tmp_path):
+    """AdapterHub's multi-head output: Parallel runs each child's head on its channel, BatchSplit each head on its
+    slice of the batch; the loss is their sum."""
+    torch.manual_seed(0)
+    config = make_config("bert")
+    theirs = adapters.BertAdapterModel(config)
+    for name, labels in (("a", 3), ("b", 2)):
+        theirs.add_adapter(name, config="seq_bn")
+        theirs.add_classification_head(name, num_labels=labels)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if ".adapters." in n or n.startswith("heads."):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    ours = AdapterModel(tf.BertModel(config)).eval()
+    ours.model.load_state_dict(theirs.bert.state_dict(), strict=False)
+    for name in ("a", "b"):
+        theirs.save_adapter(str(tmp_path / name), name)
+        ours.load_adapter(tmp_path / name)
+    make = {"Parallel": lambda m: m.Parallel("a", "b"),
+            "BatchSplit": lambda m: m.BatchSplit("a", "b", batch_sizes=[1, 1])}[block]  # fmt: skip
+    from adapters import composition
+
+    theirs.eval().set_active_adapters(make(composition))
+    ours.set_active_adapters(make(fxadapt))
+    inputs = {**make_inputs("bert", seq=7), "labels": torch.tensor([1, 0])}
+    with torch.no_grad():
+        expected, got = theirs(**inputs), ours(**inputs)
+    assert len(got) == len(expected) == 2
+    for g, e in zip(got, expected):
+        assert g.logits.shape == e.logits.shape
+        assert max_abs(g.logits, e.logits) <= 1e-5
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5
+    with torch.no_grad():  # a call's adapter_names picks the heads the same way
+        ours.set_active_adapters("a")
+        again = ours(**inputs, adapter_names=make(fxadapt))
+    assert [max_abs(a.logits, g.logits) for a, g in zip(again, got)] == [0.0, 0.0]
