@@ -51,3 +51,17 @@ def train_adapterhub(
         opt.step()
     model.set_active_adapters(name)
     return model.eval()
+
+
+def two_classifiers(model: Any, adapter_key: str) -> None:
+    """Adapters ``a`` and ``b`` (``seq_bn``) with classification heads of 3 and 2 labels, on a model with
+    AdapterHub's API (its ``BertAdapterModel`` or ``fxadapt.compat.AdapterModel``); adapters and heads perturbed
+    (seed 2). ``adapter_key``: the part of an adapter parameter's name (``.adapters.`` / ``.fxadapt.``)."""
+    for name, labels in (("a", 3), ("b", 2)):
+        model.add_adapter(name, config="seq_bn")
+        model.add_classification_head(name, num_labels=labels)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if adapter_key in n or n.startswith("heads."):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)

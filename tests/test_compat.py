@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 import transformers as tf
+from peer_helpers import two_classifiers
 from tiny_models import assert_fp64_equal, make_config, make_inputs
 
 import fxadapt
@@ -172,14 +173,7 @@ def test_one_head_per_channel_or_slice(block):
     """Under Parallel (BatchSplit) each child's head runs on its channel (slice): head i's output equals that
     child with its head alone on those rows (fp64), and the loss is their sum."""
     model = AdapterModel(tf.BertModel(make_config("bert")))
-    for name, labels in (("a", 3), ("b", 2)):
-        model.add_adapter(name, config="seq_bn")
-        model.add_classification_head(name, num_labels=labels)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".fxadapt." in n or n.startswith("heads."):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    two_classifiers(model, ".fxadapt.")
     model = model.double().eval()
     inputs, labels = make_inputs("bert", batch=2, seq=7), torch.tensor([1, 0])
     setup = (

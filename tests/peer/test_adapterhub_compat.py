@@ -16,7 +16,7 @@ import torch
 adapters = pytest.importorskip("adapters")
 
 import transformers as tf  # noqa: E402
-from peer_helpers import max_abs, train_adapterhub  # noqa: E402
+from peer_helpers import max_abs, train_adapterhub, two_classifiers  # noqa: E402
 from tiny_models import make_config, make_inputs  # noqa: E402
 
 import fxadapt  # noqa: E402
@@ -123,14 +123,7 @@ def test_one_head_per_channel_or_slice(block, tmp_path):
     torch.manual_seed(0)
     config = make_config("bert")
     theirs = adapters.BertAdapterModel(config)
-    for name, labels in (("a", 3), ("b", 2)):
-        theirs.add_adapter(name, config="seq_bn")
-        theirs.add_classification_head(name, num_labels=labels)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if ".adapters." in n or n.startswith("heads."):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    two_classifiers(theirs, ".adapters.")
     ours = AdapterModel(tf.BertModel(config)).eval()
     ours.model.load_state_dict(theirs.bert.state_dict(), strict=False)
     for name in ("a", "b"):
