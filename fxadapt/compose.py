@@ -428,6 +428,11 @@ def pre_replicated() -> Iterator[None]:
             _PRE_OPEN -= 1
 
 
+def repeat_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` copies of ``t``'s batch, one after the other along dim 0 (Parallel channel ``i`` = copy ``i``)."""
+    return t.repeat(n, *([1] * (t.dim() - 1)))
+
+
 def replicate_batch(n: int, first_layer: bool, primary: Any, *others: Any) -> tuple[Any, ...]:
     """Parallel composition: bring a layer's batch-first tensor inputs to ``n`` replicas of the batch.
 
@@ -445,7 +450,7 @@ def replicate_batch(n: int, first_layer: bool, primary: Any, *others: Any) -> tu
 
     def rep(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] != target and t.shape[0] * n == target:
-            return t.repeat(n, *([1] * (t.dim() - 1)))
+            return repeat_batch(t, n)
         return t
 
     return (rep(primary), *(rep(t) for t in others))

@@ -17,7 +17,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .compose import BatchSplit, Block, Parallel, Stack
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, CompositionError
 
 __all__ = ["MultiHeadOutput", "head_block", "run_heads"]
 
@@ -80,8 +80,6 @@ def run_heads(
     if isinstance(block, BatchSplit):
         sizes = list(block.batch_sizes)
         if sum(sizes) != rows:
-            from .errors import CompositionError
-
             raise CompositionError(
                 f"the heads' BatchSplit{sizes} covers {sum(sizes)} rows, but the output has {rows}; expected "
                 f"batch_sizes summing to {rows}"
@@ -91,8 +89,6 @@ def run_heads(
         label_parts = [labels[p] if labels is not None else None for p in parts]
     else:
         if len(names) != channels:
-            from .errors import CompositionError
-
             raise CompositionError(
                 f"{len(names)} heads {list(names)} for {channels} Parallel channels; expected one head per channel"
             )

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .calls import effective_setup
-from .compose import parallel_channels, pre_replicated
+from .compose import parallel_channels, pre_replicated, repeat_batch
 
 __all__ = ["ParallelGenerate", "install_parallel_hooks", "remove_parallel_hooks", "sync_parallel_hooks"]
 
@@ -73,7 +73,7 @@ def _pre_hook(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) ->
             and value.dim() >= 1
             and value.shape[0] * n == full
         ):
-            changed[name] = value.repeat(n, *([1] * (value.dim() - 1)))
+            changed[name] = repeat_batch(value, n)
     return (args, {**kwargs, **changed}) if changed else None
 
 
@@ -104,7 +104,7 @@ class ParallelGenerate:
 
         def rep(v: Any) -> Any:
             if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
-                return v.repeat(n, *([1] * (v.dim() - 1)))
+                return repeat_batch(v, n)
             return v
 
         with pre_replicated():

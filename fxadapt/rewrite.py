@@ -32,6 +32,7 @@ from torch import nn
 from .capture import Capture, compile_graph
 from .compose import Block, replicate_batch
 from .errors import CompositionError, SiteNotFoundError, nearest
+from .guards import flatten_call, unflatten_call
 from .lowering import capture_allows
 from .methods.base import AdapterConfig, method_for
 from .sites import MODULE_SITE_KINDS, ResidualSite, SiteReport
@@ -223,8 +224,6 @@ def replicated_call(plan: LayerPlan, args: tuple, kwargs: dict) -> tuple[tuple, 
     Parallel, the tensor inputs replicated as :func:`_replicate_inputs` does first thing (a decoder layer's encoder
     states arrive replicated, its hidden states not yet). A capture made at run time traces and verifies the base
     layer on these: on the raw inputs their batch sizes disagree."""
-    from .guards import flatten_call, unflatten_call
-
     if plan.parallel <= 1:
         return args, kwargs
     leaves, spec = flatten_call(args, kwargs)

@@ -15,7 +15,15 @@ import torch
 from composition_reference import Fusion, interpret, site_weights
 from hypothesis import given
 from hypothesis import strategies as st
-from tiny_models import assert_fp64_equal, fp64, in_fp64, main_output, make_inputs, make_model
+from tiny_models import (
+    assert_fp64_equal,
+    fp64,
+    in_fp64,
+    main_output,
+    make_inputs,
+    make_model,
+    randomise_adapters,
+)
 
 import fxadapt
 from fxadapt import Average, BatchSplit, Fuse, Parallel, Split, Stack
@@ -115,11 +123,7 @@ def composed(request):
     base = make_model(arch)
     model = copy.deepcopy(base)
     fxadapt.inject(model, CONFIGS, activate=False)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name in NAMES:
-            for p in fxadapt.adapter_parameters(model, name).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomise_adapters(model, NAMES, seed=11, std=0.1)
     return arch, base, model
 
 
@@ -338,11 +342,7 @@ def test_parallel_captures_a_new_kind_of_call_at_run_time(arch):
     base = make_model(arch)
     model = copy.deepcopy(base)
     fxadapt.inject(model, CONFIGS, activate=False)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name in NAMES:
-            for p in fxadapt.adapter_parameters(model, name).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomise_adapters(model, NAMES, seed=3, std=0.1)
     setup = Parallel("a", Stack("b", "c"))
     fxadapt.activate(model, setup)
     states = [fxadapt.install.layer_state(layer) for layer in layers_of(model)[1]]
@@ -366,11 +366,7 @@ def test_parallel_on_encoder_decoder_with_padding(arch, entry):
     AdapterHub as in fxadapt.)"""
     model = make_model(arch)
     fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name in ("x", "y"):
-            for p in fxadapt.adapter_parameters(model, name).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomise_adapters(model, ("x", "y"), seed=3, std=0.1)
     inputs = in_fp64(make_inputs(arch, batch=BATCH, seq=SEQ))
     assert not inputs["attention_mask"].all()  # a padded row
     setup = Parallel("x", "y")
@@ -394,11 +390,7 @@ def test_parallel_generate_returns_each_channel(arch, entry):
     own greedy decoding (fp64, so that no argmax is a rounding tie)."""
     model = make_model(arch)
     fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name in ("x", "y"):
-            for p in fxadapt.adapter_parameters(model, name).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_adapters(model, ("x", "y"), seed=3, std=0.3)
     inputs = make_inputs(arch, batch=BATCH)
     inputs.pop("decoder_input_ids", None)
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])  # right padding would warn (decoder)
@@ -435,11 +427,7 @@ def test_parallel_generate_returns_each_channel(arch, entry):
 def test_per_row_equals_each_row_alone(arch, preset):
     model = make_model(arch)
     fxadapt.inject(model, {n: preset for n in ("x", "y", "z")}, activate=False)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for n in ("x", "y", "z"):
-            for p in fxadapt.adapter_parameters(model, n).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    randomise_adapters(model, ("x", "y", "z"), seed=4, std=0.2)
     inputs = in_fp64(make_inputs(arch, batch=5))
     ids = torch.tensor([2, -1, 0, 1, 2])
     fxadapt.activate(model, fxadapt.PerRow("x", "y", "z"))

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 import torch.fx._symbolic_trace as fx_trace
-from tiny_models import main_output, make_inputs, make_model
+from tiny_models import main_output, make_inputs, make_model, randomise_adapters
 
 import fxadapt
 from fxadapt import PerRow
@@ -86,11 +86,7 @@ def _model(wrap=None, layers=2):
     if wrap is not None:
         model = wrap(model)
     fxadapt.inject(model, dict.fromkeys(NAMES, "seq_bn"), activate=False)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for n in NAMES:
-            for p in fxadapt.adapter_parameters(model, n).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_adapters(model, NAMES, seed=4, std=0.3)
     return model
 
 
@@ -267,11 +263,7 @@ def test_parallel_generate_beside_other_setups():
     threads generating with another setup at the same time replicate as usual (or not at all)."""
     model = make_model("llama")
     fxadapt.inject(model, {"x": "seq_bn", "y": "seq_bn"}, activate=False)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for n in ("x", "y"):
-            for p in fxadapt.adapter_parameters(model, n).values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_adapters(model, ("x", "y"), seed=4, std=0.3)
     # thread 3 runs a plain forward under Parallel: its layers must replicate while the others' must not
     setups = [fxadapt.Parallel("x", "y"), "x", fxadapt.Parallel("y", "x"), fxadapt.Parallel("x", "y")]
     ids = make_inputs("llama", batch=2)["input_ids"]

@@ -244,6 +244,17 @@ def assert_fp64_equal(
     assert diff <= rtol * scale, f"{what}: max abs diff {diff:.3g} (scale {scale:.3g})"
 
 
+def randomise_adapters(model: torch.nn.Module, names, seed: int, std: float) -> None:
+    """Every parameter of adapters ``names`` (in that order) drawn from N(0, std²) with one generator of ``seed``."""
+    import fxadapt
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            for p in fxadapt.adapter_parameters(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
 def main_output(out) -> torch.Tensor:
     """The output a test compares: logits, else the last hidden state, else CLIP's image logits, else ``out[0]``."""
     for name in ("logits", "last_hidden_state", "logits_per_image"):

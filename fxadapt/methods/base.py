@@ -256,8 +256,10 @@ _PRESETS: dict[str, Callable[[], AdapterConfig]] = {}
 
 def widened(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the dtype weight algebra (merging, folding, magnitudes) is done in: fp32 for half precision and
-    fp32 weights, fp64 for fp64 ones (``.float()`` would round those)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    fp32 weights, fp64 for fp64 ones (``.float()`` would round those): the kernels' compute dtype."""
+    from ..kernels._common import compute_dtype  # not at import: ``import fxadapt`` does not load the kernels
+
+    return t.to(compute_dtype(t))
 
 
 def register_method(method_cls: type[Method]) -> type[Method]:

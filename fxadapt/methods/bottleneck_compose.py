@@ -17,6 +17,7 @@ from ..compose import Composer, Fuse, PerRow, check_size, compose
 from ..errors import CompositionError, ConfigError
 from ..lowering import fused_bottleneck, per_row_bottleneck, why_not_fused
 from ..routing import current_ids
+from .base import widened
 
 __all__ = ["compose_bottleneck_site", "weighted_mean"]
 
@@ -268,6 +269,6 @@ def weighted_mean(hiddens: list[torch.Tensor], weights: tuple[float, ...]) -> to
     The weights are fp32 as in AdapterHub (fp64 for fp64 activations, so they are not rounded there); half
     precision hiddens are averaged in fp32 and cast back to their dtype."""
     stacked = torch.stack(hiddens, 0)
-    c = torch.float64 if stacked.dtype == torch.float64 else torch.float32
-    w = torch.tensor(weights, dtype=c, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
-    return torch.mean(stacked.to(c) * w, dim=0).to(stacked.dtype)
+    wide = widened(stacked)
+    w = torch.tensor(weights, dtype=wide.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    return torch.mean(wide * w, dim=0).to(stacked.dtype)
