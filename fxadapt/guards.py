@@ -168,7 +168,7 @@ def call_key(layer: nn.Module, args: tuple, kwargs: dict, hooks: int) -> tuple[l
     sig = (len(args), tuple(kwargs))
     keyer = _KEYERS.get(sig, _MISSING)
     if keyer is _MISSING:
-        keyer = _make_keyer(args, kwargs)
+        keyer = _make_keyer(sig, args, kwargs, [])
         if len(_KEYERS) < 1024:
             _KEYERS[sig] = keyer
     if keyer is not None and not torch._C._is_any_autocast_enabled():
@@ -195,9 +195,18 @@ def _checked_meta(value: Any) -> Any:
     return _leaf_meta(value)
 
 
-def _make_keyer(args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+_FAST_KINDS = 4  # the kinds of call (per call structure) whose keys a generated keyer returns ready-made
+
+
+def _make_keyer(sig: tuple, args: tuple, kwargs: dict, kinds: list[tuple]) -> Callable[..., Any] | None:
     """Generate the keyer for calls shaped like this one (see :func:`call_key`); None where nesting is too deep
-    or holds a dict (rare in layer calls: the general path serves them)."""
+    or holds a dict (rare in layer calls: the general path serves them).
+
+    ``kinds``: up to ``_FAST_KINDS`` samples ``(leaf metadata, training, hooks, key)`` already seen (``_sample_meta``). A call whose leaves
+    match a sample's (the same tensor types, dtypes, ranks and devices, the same constants, mode and hook count:
+    a model's next call of a kind it made before) gets that sample's key object itself, built once: no metadata
+    tuples are built, and dispatch finds its code by identity (``install._dispatch_forward``). Any other call
+    builds its key as the general path would; the first calls of a new kind regenerate the keyer with it added."""
     _, spec = flatten_call(args, kwargs)
     lines: list[str] = []
     leaves: list[str] = []
@@ -222,14 +231,60 @@ def _make_keyer(args: tuple, kwargs: dict) -> Callable[..., Any] | None:
         lines.append(f"    {', '.join(top[len(args) :])}, = kwargs.values()")
     if not all(emit(var, v, 0) for var, v in zip(top, (*args, *kwargs.values()))):
         return None
+    namespace: dict[str, Any] = {
+        "R": _Restructured,
+        "N": _NONE_META,
+        "Tensor": torch.Tensor,
+        "M": _checked_meta,
+    }
+    out = ", ".join(leaves)
+    for n, (samples, training, hooks, key) in enumerate(kinds):
+        same = _same_kind(n, leaves, samples, training, hooks, namespace)
+        lines.append(f"    if {same}: return [{out}], S, K{n}")
+        namespace[f"K{n}"] = key  # the very object earlier calls of this kind got
     metas = [f"N if {v} is None else (('T', {v}.dtype, {v}.dim(), {v}.device) if type({v}) is Tensor else M({v}))"
              for v in leaves]  # fmt: skip
-    lines.append(f"    return [{', '.join(leaves)}], S, (S, ({''.join(m + ', ' for m in metas)}), training, hooks, "
-                 "False, False)")  # fmt: skip
+    lines.append(f"    key = (S, ({''.join(m + ', ' for m in metas)}), training, hooks, False, False)")
+    if len(kinds) < _FAST_KINDS:  # learn this kind of call: its next calls get a ready-made key
+        lines.append(f"    L(args, kwargs, [{out}], training, hooks, key)")
+
+        def learn(args: tuple, kwargs: dict, values: list, training: bool, hooks: int, key: tuple) -> None:
+            if type(training) is bool and type(hooks) is int:  # a sample's metadata, not its values (no refs)
+                kind = ([_sample_meta(v) for v in values], training, hooks, key)
+                _KEYERS[sig] = _make_keyer(sig, args, kwargs, [*kinds, kind])
+
+        namespace["L"] = learn
+    lines.append(f"    return [{out}], S, key")
+    namespace["S"] = spec
     src = "def keyer(args, kwargs, training, hooks):\n" + "\n".join(lines) + "\n"
-    namespace = {"R": _Restructured, "N": _NONE_META, "Tensor": torch.Tensor, "M": _checked_meta, "S": spec}
     exec(compile(src, "<fxadapt call keyer>", "exec"), namespace)
     return namespace["keyer"]
+
+
+def _sample_meta(value: Any) -> tuple | None:
+    """What a keyer keeps of a sample leaf: None, or ``(type, leaf meta)``."""
+    return None if value is None else (type(value), _leaf_meta(value))
+
+
+def _same_kind(n: int, leaves: list[str], samples: list, training: bool, hooks: int, namespace: dict) -> str:
+    """The generated condition: this call's leaves (variables ``leaves``) match sample ``n`` (``_sample_meta``
+    of each leaf), so that its key is that sample's."""
+    same = [f"training is {training!r}", f"hooks == {hooks!r}"]
+    for i, (var, sample) in enumerate(zip(leaves, samples)):
+        name = f"{n}_{i}"
+        if sample is None:
+            same.append(f"{var} is None")
+            continue
+        kind, meta = sample
+        namespace[f"T{name}"] = kind
+        same.append(f"type({var}) is T{name}")
+        if meta[0] == "T":
+            namespace[f"D{name}"], namespace[f"V{name}"] = meta[1], meta[3]
+            same.append(f"{var}.dtype is D{name} and {var}.dim() == {meta[2]!r} and {var}.device == V{name}")
+        elif meta[0] == "C":
+            namespace[f"C{name}"] = meta[2]
+            same.append(f"{var} == C{name}")
+    return " and ".join(same)
 
 
 def _is_dynamic(value: Any) -> bool:

@@ -328,6 +328,9 @@ class LayerState:
     active: tuple[LayerPlan, dict] | None = None
     siblings: Siblings = field(default_factory=Siblings)  # shared by the model's layers (install)
     _hooks: tuple[dict, ...] | None = None
+    # (runners, key, entries) of the last dispatched call: the next call of that kind, whose generated keyer
+    # returns the very same key object (guards.call_key), finds its code by identity, without hashing its key
+    hot: tuple = (None, None, None)
 
     def hooks(self, layer: nn.Module) -> int:
         """How many hooks the traced-through submodules have now (their hook dicts are found once)."""
@@ -507,7 +510,13 @@ def _dispatch_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not plan.sites:
         return state.orig_class.forward(self, *args, **kwargs)
     leaves, _, key = call_key(self, args, kwargs, state.hooks(self))
-    entries = runners.get(key)
+    hot = state.hot
+    if hot[1] is key and hot[0] is runners:
+        entries = hot[2]
+    else:
+        entries = runners.get(key)
+        if entries:  # runners only ever append to an entry list: it stays this key's list
+            state.hot = (runners, key, entries)
     if entries:  # the usual case, inline: one capture for this key and no guards to check
         capture, runner, _ = entries[0]
         if not capture.value_guards and not capture.size_guards:
