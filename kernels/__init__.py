@@ -17,11 +17,31 @@ reference elsewhere). Importing this package does not import Triton.
 import sys as _sys
 
 if __name__ != "fxadapt.kernels":  # pragma: no cover - only with the repository root on sys.path
-    # Imported as a top-level ``kernels`` (Hugging Face probes for its hub ``kernels`` package by that name): be
-    # fxadapt.kernels itself rather than a second copy that would register the ops twice and split the backend.
+    # Imported as a top-level ``kernels``: transformers imports its hub ``kernels`` package by that name (a
+    # dependency of transformers >= 5.25). Where that package is installed, load it in this module's place; else
+    # be fxadapt.kernels itself rather than a second copy that would register the ops twice and split the backend.
     import importlib as _importlib
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    from pathlib import Path as _Path
 
-    _sys.modules[__name__] = _importlib.import_module("fxadapt.kernels")
+    _root = (
+        _Path(__file__).resolve().parent.parent
+    )  # the repository root, where this directory shadows the hub's
+    _spec = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _Path(p or ".").resolve() != _root]
+    )
+    if (
+        _spec is not None
+        and _spec.loader is not None
+        and _spec.origin
+        and _Path(_spec.origin).resolve() != _Path(__file__).resolve()
+    ):
+        _hub = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _hub
+        _spec.loader.exec_module(_hub)
+    else:
+        _sys.modules[__name__] = _importlib.import_module("fxadapt.kernels")
 else:
     from . import reference
     from ._common import (
