@@ -290,7 +290,13 @@ class _LayerTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        path = self.path_of_module(m)
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # a module object outside the layer's tree (not a registered submodule), e.g. transformers' hub-kernel
+            # function wrappers kept in a module's __dict__ (apply_rotary_pos_emb, transformers >= 5.25): it cannot
+            # be a call_module node; its code is traced inline as part of the caller's
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, path):
             return super().call_module(m, forward, args, kwargs)
 
